@@ -1,0 +1,269 @@
+"""Backbone registry: a torchvision model cut into named stages, plus its weights' meta.
+
+torchvision already knows every model, its weights, their URLs, transforms and
+ImageNet accuracy; this module only adds what torchvision lacks: the ordered list
+of stages per family and the width of the pooled features.
+"""
+
+from __future__ import annotations
+
+import os
+import urllib.error
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision
+from torch import nn
+
+from finetune.errors import SetupError
+
+VGG_NAMES = ("vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn")
+RESNET_NAMES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+BACKBONE_NAMES = VGG_NAMES + RESNET_NAMES
+
+RESNET_STAGES = ("stem", "layer1", "layer2", "layer3", "layer4")
+VGG_STAGES = ("block1", "block2", "block3", "block4", "block5", "fc6", "fc7")
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """What a model expects of its input, read from the weights' own transforms."""
+
+    resize_size: int
+    crop_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def at_size(self, image_size: int | None) -> Preprocessing:
+        """Same crop fraction and normalisation at another crop size (tiny test images)."""
+        if image_size is None or image_size == self.crop_size:
+            return self
+        resize = round(image_size * self.resize_size / self.crop_size)
+        return Preprocessing(resize, image_size, self.mean, self.std)
+
+
+class Backbone(nn.Module):
+    """Ordered stages ending in pooled features of width ``feature_dim``.
+
+    ``forward(x, start=k)`` runs stages k..end, which is how cached outputs of a
+    frozen prefix re-enter the network. Stages listed in ``frozen`` stay in eval
+    mode whatever ``train()`` is called with, so BatchNorm statistics and dropout
+    of frozen stages never move.
+    """
+
+    def __init__(self, name: str, stages: OrderedDict[str, nn.Module], feature_dim: int) -> None:
+        super().__init__()
+        self.name = name
+        self.stages = nn.ModuleDict(stages)
+        self.feature_dim = feature_dim
+        self.frozen: tuple[str, ...] = ()
+
+    @property
+    def stage_names(self) -> list[str]:
+        return list(self.stages.keys())
+
+    @property
+    def num_frozen_prefix(self) -> int:
+        """How many leading stages are frozen (the cacheable, no-grad part)."""
+        count = 0
+        for name in self.stage_names:
+            if name not in self.frozen:
+                break
+            count += 1
+        return count
+
+    def train(self, mode: bool = True) -> Backbone:
+        super().train(mode)
+        for name in self.frozen:
+            self.stages[name].eval()
+        return self
+
+    def forward(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
+        names = self.stage_names
+        prefix = self.num_frozen_prefix
+        if start < prefix:
+            # Frozen prefix: no autograd graph is kept for it.
+            with torch.no_grad():
+                for name in names[start:prefix]:
+                    x = self.stages[name](x)
+            start = prefix
+        for name in names[start:]:
+            x = self.stages[name](x)
+        return x
+
+
+def _resnet_stages(model: nn.Module) -> OrderedDict[str, nn.Module]:
+    stages: OrderedDict[str, nn.Module] = OrderedDict()
+    stages["stem"] = nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool)
+    for i in range(1, 5):
+        stages[f"layer{i}"] = getattr(model, f"layer{i}")
+    # The pooling has no parameters; it rides with the last stage.
+    stages["layer4"] = nn.Sequential(stages["layer4"], model.avgpool, nn.Flatten(1))
+    return stages
+
+
+def _vgg_stages(model: nn.Module) -> OrderedDict[str, nn.Module]:
+    stages: OrderedDict[str, nn.Module] = OrderedDict()
+    block: list[nn.Module] = []
+    for layer in model.features:
+        block.append(layer)
+        if isinstance(layer, nn.MaxPool2d):
+            stages[f"block{len(stages) + 1}"] = nn.Sequential(*block)
+            block = []
+    cls = model.classifier  # fc6, relu, dropout, fc7, relu, dropout, fc8
+    stages["fc6"] = nn.Sequential(model.avgpool, nn.Flatten(1), cls[0], cls[1], cls[2])
+    stages["fc7"] = nn.Sequential(cls[3], cls[4], cls[5])
+    return stages
+
+
+def family(name: str) -> str:
+    check_name(name)
+    return "vgg" if name.startswith("vgg") else "resnet"
+
+
+def check_name(name: str) -> None:
+    if name not in BACKBONE_NAMES:
+        raise SetupError(
+            f"Unknown backbone '{name}'. Choose one of: {', '.join(BACKBONE_NAMES)} "
+            f"(e.g. backbone=resnet50)."
+        )
+
+
+def imagenet_weights(name: str) -> torchvision.models.WeightsEnum:
+    """torchvision's best ImageNet weights for this model (the DEFAULT entry)."""
+    check_name(name)
+    return torchvision.models.get_model_weights(name).DEFAULT
+
+
+def preprocessing_for(name: str) -> Preprocessing:
+    """Resize, crop, mean and std from the ImageNet weights' own transforms.
+
+    Used for every weights source: a file or ``none`` still expects ImageNet-style input.
+    """
+    t = imagenet_weights(name).transforms()
+    return Preprocessing(
+        resize_size=int(t.resize_size[0]),
+        crop_size=int(t.crop_size[0]),
+        mean=tuple(t.mean),
+        std=tuple(t.std),
+    )
+
+
+def weights_source(weights: str | None) -> str:
+    """'imagenet', 'none' or 'file': how summary.json names where weights came from."""
+    if weights is None or str(weights).lower() in ("none", "null", ""):
+        return "none"
+    if str(weights).lower() == "imagenet":
+        return "imagenet"
+    return "file"
+
+
+def _download_imagenet_state_dict(name: str) -> dict[str, torch.Tensor]:
+    weights = imagenet_weights(name)
+    file_name = os.path.basename(weights.url)
+    folder = Path(torch.hub.get_dir()) / "checkpoints"
+    try:
+        return weights.get_state_dict(progress=False, check_hash=False)
+    except (urllib.error.URLError, OSError, RuntimeError) as err:
+        cached = folder / file_name
+        if cached.exists():
+            raise SetupError(
+                f"The cached ImageNet weights for {name} at {cached} could not be read ({err}). "
+                f"Delete the file and run again, or download {weights.url} by hand to that path."
+            ) from None
+        raise SetupError(
+            f"ImageNet weights for {name} are not cached and could not be downloaded ({err}). "
+            f"Put the file '{file_name}' (from {weights.url}) into the folder '{folder}' "
+            f"(the torch hub cache; set TORCH_HOME to move it), or run without them with "
+            f"backbone.weights=none, or give a state_dict file with backbone.weights=/path/to/file.pth."
+        ) from None
+
+
+def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A torchvision state_dict, or a Lightning checkpoint of ours, loaded without pickled code."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise SetupError(
+            f"backbone.weights='{path}' is neither 'imagenet', 'none' nor an existing file. "
+            f"Give the path of a state_dict (.pth) or checkpoint (.ckpt) file."
+        )
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unpickling failure means the same to the user
+        raise SetupError(
+            f"Refused to load '{path}': it is not a plain tensor file loadable with "
+            f"weights_only=True ({type(err).__name__}: {str(err).splitlines()[0][:200]}). Only "
+            f"state_dicts and checkpoints are accepted, never pickles that run code; re-save it "
+            f"with torch.save(model.state_dict(), path)."
+        ) from None
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise SetupError(f"'{path}' holds no state_dict (a dict of tensors).")
+    return obj
+
+
+def _strip_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    if state and all(k.startswith(prefix) for k in state):
+        return {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
+def _load_into(model: nn.Module, name: str, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load backbone weights; the old ImageNet classifier (fc / classifier.6) may differ or lack."""
+    state = _strip_prefix(state, "module.")
+    state = _strip_prefix(state, "model.")
+    own = model.state_dict()
+    head_prefix = "fc." if family(name) == "resnet" else "classifier.6."
+    wanted = {k for k in own if not k.startswith(head_prefix)}
+    missing = sorted(wanted - state.keys())
+    unexpected = sorted(k for k in state.keys() - own.keys() if not k.startswith(head_prefix))
+    mismatched = sorted(k for k in wanted & state.keys() if state[k].shape != own[k].shape)
+    if missing or mismatched or unexpected:
+        detail = "; ".join(
+            part
+            for part in (
+                f"missing {len(missing)} tensors, e.g. {missing[:3]}" if missing else "",
+                f"{len(unexpected)} tensors the model lacks, e.g. {unexpected[:3]}" if unexpected else "",
+                f"{len(mismatched)} shape mismatches, e.g. {mismatched[0]}: file "
+                f"{tuple(state[mismatched[0]].shape)} vs model {tuple(own[mismatched[0]].shape)}"
+                if mismatched
+                else "",
+            )
+            if part
+        )
+        raise SetupError(
+            f"The weights from {source} do not fit backbone '{name}' ({detail}). Check that the "
+            f"file was saved from a torchvision {name}, or pick the matching backbone=..."
+        )
+    model.load_state_dict({k: state[k] for k in wanted}, strict=False)
+
+
+def build_backbone(name: str, weights: str | None = "imagenet") -> Backbone:
+    """Build ``name`` with weights 'imagenet', 'none' or a path, cut into its stages."""
+    check_name(name)
+    model = torchvision.models.get_model(name, weights=None)
+    source = weights_source(weights)
+    if source == "imagenet":
+        _load_into(model, name, _download_imagenet_state_dict(name), "torchvision's ImageNet weights")
+    elif source == "file":
+        _load_into(model, name, load_state_dict_file(str(weights)), f"'{weights}'")
+    if family(name) == "resnet":
+        return Backbone(name, _resnet_stages(model), model.fc.in_features)
+    return Backbone(name, _vgg_stages(model), model.classifier[6].in_features)
+
+
+def imagenet_meta(name: str) -> dict[str, Any]:
+    """ImageNet accuracy, params and GFLOPs as torchvision's weights meta states them."""
+    meta = imagenet_weights(name).meta
+    metrics = meta.get("_metrics", {}).get("ImageNet-1K", {})
+    return {
+        "imagenet_top1": metrics.get("acc@1"),
+        "imagenet_top5": metrics.get("acc@5"),
+        "num_params": meta.get("num_params"),
+        "gflops": meta.get("_ops"),
+        "file_size_mb": meta.get("_file_size"),
+    }

@@ -1,0 +1,1 @@
+"""Datasets, transforms and the datamodule. The data side never knows the strategy."""

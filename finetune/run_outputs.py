@@ -1,0 +1,67 @@
+"""What a run leaves in its directory: summary.json (atomic), the confusion-matrix plot, memory peaks."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
+    """Write to a temp file in the same folder, fsync, then rename: a kill never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=False, default=str)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def peak_memory() -> dict[str, int | None]:
+    """Peak resident memory of this process and, on GPU, peak CUDA allocation."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss_bytes = int(rss if sys.platform == "darwin" else rss * 1024)
+    cuda = int(torch.cuda.max_memory_allocated()) if torch.cuda.is_available() else None
+    return {"cpu_rss_bytes": rss_bytes, "cuda_max_allocated_bytes": cuda}
+
+
+def plot_confusion_matrix(matrix: torch.Tensor, class_names: Sequence[str], path: str | os.PathLike) -> Path:
+    """Row-normalised confusion matrix as a PNG (labels hidden when there are many classes)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    m = matrix.float()
+    norm = m / m.sum(dim=1, keepdim=True).clamp_min(1)
+    n = len(class_names)
+    size = min(16.0, max(4.0, 0.35 * n + 2))
+    fig, ax = plt.subplots(figsize=(size, size))
+    im = ax.imshow(norm.numpy(), cmap="Blues", vmin=0, vmax=1)
+    if n <= 30:
+        ax.set_xticks(range(n), class_names, rotation=90, fontsize=8)
+        ax.set_yticks(range(n), class_names, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title("test confusion matrix (row-normalised)")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,109 @@
+"""Every backbone builds offline, with the right stages and feature width, and loads state_dict files."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+
+from finetune.backbones import (
+    BACKBONE_NAMES,
+    RESNET_STAGES,
+    VGG_STAGES,
+    build_backbone,
+    load_state_dict_file,
+    preprocessing_for,
+)
+from finetune.errors import SetupError
+
+FEATURE_DIMS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048, "resnet152": 2048}
+
+
+@pytest.mark.parametrize("name", BACKBONE_NAMES)
+def test_backbone_builds_with_stages_and_feature_width(name: str) -> None:
+    backbone = build_backbone(name, "none").eval()
+    expected_stages = VGG_STAGES if name.startswith("vgg") else RESNET_STAGES
+    assert tuple(backbone.stage_names) == expected_stages
+    assert backbone.feature_dim == FEATURE_DIMS.get(name, 4096)
+    with torch.no_grad():
+        out = backbone(torch.randn(2, 3, 32, 32))
+    assert out.shape == (2, backbone.feature_dim)
+    # Stages hold every parameter of the torchvision model except its old ImageNet classifier.
+    reference = torchvision.models.get_model(name, weights=None)
+    head = reference.fc if name.startswith("resnet") else reference.classifier[6]
+    n_ref = sum(p.numel() for p in reference.parameters()) - sum(p.numel() for p in head.parameters())
+    assert sum(p.numel() for p in backbone.parameters()) == n_ref
+
+
+def test_stage_outputs_compose_to_forward() -> None:
+    """forward(x, start=k) on stage k-1's output equals the full forward: the cache seam is exact."""
+    backbone = build_backbone("resnet18", "none").eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        full = backbone(x)
+        h = x
+        for name in backbone.stage_names[:3]:
+            h = backbone.stages[name](h)
+        resumed = backbone(h, start=3)
+    torch.testing.assert_close(full, resumed)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "vgg11_bn"])
+def test_state_dict_file_loads_exactly(tmp_path, name: str) -> None:
+    torch.manual_seed(1)
+    source = torchvision.models.get_model(name, weights=None, num_classes=7)  # head differs: ignored
+    path = tmp_path / "weights.pth"
+    torch.save(source.state_dict(), path)
+    backbone = build_backbone(name, str(path))
+    expected = {k: v for k, v in source.state_dict().items()}
+    if name.startswith("resnet"):
+        assert torch.equal(backbone.stages["stem"][0].weight, expected["conv1.weight"])
+        assert torch.equal(backbone.stages["layer4"][0][1].bn2.running_var, expected["layer4.1.bn2.running_var"])
+    else:
+        assert torch.equal(backbone.stages["block1"][0].weight, expected["features.0.weight"])
+        assert torch.equal(backbone.stages["fc7"][0].weight, expected["classifier.3.weight"])
+    loaded = sum(p.numel() for p in backbone.parameters())
+    assert loaded > 0
+
+
+def test_state_dict_from_other_backbone_is_refused(tmp_path) -> None:
+    path = tmp_path / "r34.pth"
+    torch.save(torchvision.models.resnet34(weights=None).state_dict(), path)
+    with pytest.raises(SetupError, match="do not fit backbone 'resnet18'"):
+        build_backbone("resnet18", str(path))
+
+
+def test_pickle_needing_code_is_refused(tmp_path) -> None:
+    path = tmp_path / "evil.pth"
+    torch.save({"model": torchvision.models.resnet18(weights=None)}, path)  # a pickled nn.Module
+    with pytest.raises(SetupError, match="weights_only=True"):
+        load_state_dict_file(path)
+
+
+def test_missing_weights_file_is_a_clear_error() -> None:
+    with pytest.raises(SetupError, match="neither 'imagenet', 'none' nor an existing file"):
+        build_backbone("resnet18", "/nonexistent/weights.pth")
+
+
+def test_offline_imagenet_weights_error_names_file_and_folder(monkeypatch, tmp_path) -> None:
+    import urllib.error
+
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub" / "hub"))
+
+    def no_network(*args, **kwargs):
+        raise urllib.error.URLError("offline")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    with pytest.raises(SetupError) as info:
+        build_backbone("resnet50", "imagenet")
+    message = str(info.value)
+    assert "resnet50-11ad3fa6.pth" in message
+    assert str(tmp_path / "hub" / "hub" / "checkpoints") in message
+    assert "backbone.weights=none" in message
+
+
+def test_preprocessing_comes_from_weights_meta() -> None:
+    prep = preprocessing_for("resnet50")
+    assert (prep.resize_size, prep.crop_size) == (232, 224)
+    small = prep.at_size(32)
+    assert small.crop_size == 32 and small.resize_size == 33
