@@ -192,7 +192,7 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         )
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unpickling failure means the same to the user
+    except Exception as err:
         raise SetupError(
             f"Refused to load '{path}': it is not a plain tensor file loadable with "
             f"weights_only=True ({type(err).__name__}: {str(err).splitlines()[0][:200]}). Only "

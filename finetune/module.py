@@ -135,7 +135,7 @@ class FinetuneModule(pl.LightningModule):
             return optimizer
         total = int(self.trainer.estimated_stepping_batches)
         epochs = max(1, int(self.trainer.max_epochs or 1))
-        warmup = int(round(float(sched.get("warmup_epochs", 0)) * total / epochs))
+        warmup = round(float(sched.get("warmup_epochs", 0)) * total / epochs)
         min_ratio = float(sched.get("min_lr_ratio", 0.0))
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: warmup_cosine(step, warmup, total, min_ratio)

@@ -62,14 +62,19 @@ def build_datamodule(cfg: DictConfig, splits: Splits) -> ImageDataModule:
     )
 
 
-def build_callbacks(cfg: DictConfig) -> list[pl.Callback]:
-    from pytorch_lightning.callbacks import EarlyStopping, LearningRateMonitor, RichProgressBar, TQDMProgressBar
+def build_callbacks(cfg: DictConfig, has_logger: bool = True) -> list[pl.Callback]:
+    from pytorch_lightning.callbacks import (
+        EarlyStopping,
+        LearningRateMonitor,
+        RichProgressBar,
+        TQDMProgressBar,
+    )
 
     cb = cfg.callbacks
     callbacks: list[pl.Callback] = [instantiate(cb.checkpoint)]
     if cb.early_stopping.enabled:
         callbacks.append(EarlyStopping(monitor=cfg.monitor, mode="max", patience=int(cb.early_stopping.patience)))
-    if cb.lr_monitor:
+    if cb.lr_monitor and has_logger:
         callbacks.append(LearningRateMonitor(logging_interval="epoch"))
     if cb.progress_bar == "rich":
         callbacks.append(RichProgressBar())
@@ -91,6 +96,28 @@ def build_loggers(cfg: DictConfig) -> list[Any]:
     return loggers
 
 
+def check_data(data_cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
+    """Scan a folder dataset before training; returns the loader's ``skip`` set (bad files).
+
+    The report (bad_files.txt, data_check.json) is written before any error is raised, so the
+    list the message points to exists.
+    """
+    if data_cfg.name != "folder" or not data_cfg.get("check", True):
+        return {}
+    from finetune.data.checks import apply_policy, check_image_tree
+
+    if data_cfg.root is None or not Path(str(data_cfg.root)).expanduser().is_dir():
+        raise SetupError(f"data.root='{data_cfg.root}' does not exist or is not a folder (data=folder needs it).")
+    report = check_image_tree(Path(str(data_cfg.root)).expanduser(), int(data_cfg.get("max_pixels", 89_478_485)))
+    report.write(out_dir)
+    skip = apply_policy(report, str(data_cfg.get("on_bad_image", "skip")))
+    if skip:
+        log.warning("data check: skipping %d unreadable file(s), listed in %s", len(skip), out_dir / "bad_files.txt")
+    for line in report.warnings():
+        log.warning("data check: %s", line)
+    return {"skip": set(skip)}
+
+
 def _device_name(trainer: pl.Trainer) -> str:
     root = trainer.strategy.root_device
     if root.type == "cuda":
@@ -105,7 +132,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(int(cfg.seed), workers=True)
 
-    splits = load_splits(cfg.data)
+    splits = load_splits(cfg.data, **check_data(cfg.data, out_dir))
     module = build_module(cfg, splits)
     datamodule = build_datamodule(cfg, splits)
     feature_seconds = 0.0
@@ -113,8 +140,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     config_path = out_dir / "resolved_config.yaml"
     config_path.write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
+    loggers = build_loggers(cfg)
     trainer: pl.Trainer = instantiate(
-        cfg.trainer, callbacks=build_callbacks(cfg), logger=build_loggers(cfg) or False,
+        cfg.trainer, callbacks=build_callbacks(cfg, has_logger=bool(loggers)), logger=loggers or False,
         default_root_dir=str(out_dir),
     )
     fit_started = time.perf_counter()

@@ -17,7 +17,8 @@ from PIL import Image
 from sklearn.model_selection import train_test_split
 from torch.utils.data import Dataset
 
-from finetune.data.images import IMAGE_EXTENSIONS, BadImageError, open_rgb
+from finetune.data.checks import class_folders, image_files
+from finetune.data.images import BadImageError, open_rgb
 from finetune.errors import SetupError
 
 log = logging.getLogger(__name__)
@@ -105,7 +106,7 @@ def stratified_split(
         if frac <= 0:
             parts.append([])
             continue
-        size = max(int(round(frac * total)), len(np.unique(labels)))
+        size = max(round(frac * total), len(np.unique(labels)))
         if size >= len(remaining):
             raise SetupError(
                 f"Split fraction {frac} leaves no training data ({total} images). Lower "
@@ -143,19 +144,15 @@ def load_digits_splits(cfg: Any) -> Splits:
 
 
 def _list_class_folder(folder: Path) -> dict[str, list[Path]]:
-    classes: dict[str, list[Path]] = {}
-    for class_dir in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        classes[class_dir.name] = sorted(
-            p for p in class_dir.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-        )
-    return classes
+    """Class name -> image files, listed exactly as the data check lists them."""
+    return {c: image_files(folder / c) for c in class_folders(folder)}
 
 
 def load_folder_splits(cfg: Any, skip: set[Path] | None = None) -> Splits:
     """A user's ImageFolder tree: train/ val/ test/ subfolders, or one folder split by fractions."""
     if cfg.root is None or str(cfg.root) in ("", "???"):
         raise SetupError("data=folder needs data.root=/path/to/images (class subfolders inside).")
-    root = Path(str(cfg.root)).expanduser()
+    root = Path(str(cfg.root)).expanduser().absolute()
     if not root.is_dir():
         raise SetupError(f"data.root='{root}' does not exist or is not a folder.")
     skip = skip or set()

@@ -1,0 +1,182 @@
+"""Decode one image file into a fully loaded 8-bit RGB picture, or say why it cannot be used.
+
+Every image the framework reads (training folders, the data check, prediction) goes through
+``open_rgb`` so that all of them see the same pixels: grayscale, palette, alpha, CMYK and 16-bit
+files are normalised here once, and a broken file raises ``BadImageError`` with a short reason
+instead of whatever Pillow happened to raise, at whatever point it happened to decode lazily.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+# Extensions the datasets read; anything else in a class folder is ignored (and reported by the check).
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+)
+
+# Pillow's own default (Image.MAX_IMAGE_PIXELS): about a 9459 x 9459 picture, ~268 MB as RGB.
+MAX_PIXELS = 89_478_485
+
+# Background that transparent pixels are composited on: what image viewers, and so the people who
+# labelled the data, show. Plain convert("RGB") would expose whatever colour the file stores under
+# alpha 0, usually black, so a logo on a transparent background would turn into a logo on black.
+ALPHA_BACKGROUND = (255, 255, 255)
+
+# Pillow's plugins raise a wide spread of exception types on corrupt input (its fuzz tests list
+# these); all of them mean the same thing to us: this file cannot be used.
+_DECODE_ERRORS = (
+    OSError,
+    SyntaxError,
+    ValueError,
+    EOFError,
+    struct.error,
+    IndexError,
+    KeyError,
+    TypeError,
+    ZeroDivisionError,
+    RuntimeError,
+    Image.DecompressionBombError,
+    Image.DecompressionBombWarning,
+)
+
+_SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
+_WIDE_MODES = _SIXTEEN_BIT_MODES | {"I", "F"}
+
+
+class BadImageError(Exception):
+    """A file that cannot be used as an image; ``reason`` is short enough for one report line.
+
+    Both arguments are kept in ``args`` so the error pickles intact across DataLoader workers.
+    """
+
+    def __init__(self, path: Path | str, reason: str = "unreadable image") -> None:
+        super().__init__(path, reason)
+        self.path = Path(path)
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.reason}"
+
+
+def is_image_file(path: Path | str) -> bool:
+    """True when the extension says the datasets should read this file."""
+    return Path(path).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def open_rgb(path: Path | str, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """The file at ``path`` as a fully loaded RGB image; raises ``BadImageError`` if unusable."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise BadImageError(path, f"cannot read file: {error.strerror or error}") from error
+    image, _ = decode_rgb(data, path, max_pixels)
+    return image
+
+
+def decode_rgb(
+    data: bytes, path: Path | str, max_pixels: int = MAX_PIXELS
+) -> tuple[Image.Image, str]:
+    """Decode bytes already read (the check hashes them too) into ``(rgb image, original mode)``.
+
+    The original mode (``"L"``, ``"CMYK"``, ``"I;16"`` ...) lets the data check count how many
+    files were converted; ``path`` only names the file in errors.
+    """
+    if not data:
+        raise BadImageError(path, "empty file (0 bytes)")
+    try:
+        with _strict_truncation(), Image.open(io.BytesIO(data)) as image:
+            _check_pixels(image, path, max_pixels)
+            image.load()
+            mode = image.mode
+            rgb = _to_rgb(image, path)
+    except BadImageError:
+        raise
+    except UnidentifiedImageError as error:
+        raise BadImageError(path, "not an image (format not recognised)") from error
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise BadImageError(path, f"too large: {error}") from error
+    except _DECODE_ERRORS as error:
+        raise BadImageError(path, f"truncated or corrupt: {error}") from error
+    return _upright(rgb), mode
+
+
+@contextmanager
+def _strict_truncation() -> Iterator[None]:
+    """Make Pillow raise on truncated data while decoding, even if other code allowed it.
+
+    ``ImageFile.LOAD_TRUNCATED_IMAGES = True`` is a popular workaround that silently pads half a
+    JPEG with grey, so we switch it off around our own decode and put back what was there. It is
+    a process-wide flag: DataLoader workers are processes, and we only ever make it stricter.
+    """
+    previous = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        yield
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = previous
+
+
+def _check_pixels(image: Image.Image, path: Path | str, max_pixels: int) -> None:
+    """Refuse oversized images from the header alone, before any pixel is decoded.
+
+    Pillow's own guard only warns between MAX_IMAGE_PIXELS and twice that, and reads a
+    process-wide setting; this one reads the argument. Pillow still refuses anything over twice
+    ``Image.MAX_IMAGE_PIXELS``, so a ``max_pixels`` above that needs Pillow's limit raised too.
+    """
+    width, height = image.size
+    if width * height > max_pixels:
+        raise BadImageError(path, f"too large: {width}x{height} = {width * height} pixels > {max_pixels}")
+
+
+def _to_rgb(image: Image.Image, path: Path | str) -> Image.Image:
+    """8-bit RGB copy of a loaded image of any mode; alpha is composited on ALPHA_BACKGROUND."""
+    if image.mode in _WIDE_MODES:
+        image = Image.fromarray(_scale_to_uint8(np.asarray(image), image.mode), mode="L")
+    if image.has_transparency_data:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (*ALPHA_BACKGROUND, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    try:
+        return image.convert("RGB")
+    except ValueError as error:  # e.g. LAB, which Pillow cannot convert to RGB
+        raise BadImageError(path, f"unsupported colour mode {image.mode}") from error
+
+
+def _scale_to_uint8(values: np.ndarray, mode: str) -> np.ndarray:
+    """Map high bit-depth values onto 0..255 by scaling, not clipping.
+
+    Pillow's own ``convert("L")`` clips 16-bit data at 255, turning nearly every pixel white.
+    16-bit modes span 0..65535, so divide by 257 (65535 -> 255 exactly). Mode ``I`` is how
+    Pillow holds 16-bit PNG/TIFF data in 32-bit ints, so it is read the same way when its values
+    fit 16 bits; float ``F`` images in 0..1 are scaled by 255; anything else is stretched from its
+    own minimum to maximum, the only scale such data carries.
+    """
+    values = values.astype(np.float64)
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if mode in _SIXTEEN_BIT_MODES or (mode == "I" and low >= 0 and high <= 65535):
+        scaled = values / 257.0
+    elif mode == "F" and low >= 0 and high <= 1:
+        scaled = values * 255.0
+    else:
+        scaled = (values - low) * (255.0 / (high - low)) if high > low else np.zeros_like(values)
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    """Apply the EXIF orientation, so a phone photo is seen the way its labeller saw it.
+
+    A malformed EXIF block does not make the pixels unusable, so it leaves the image as stored.
+    """
+    try:
+        return ImageOps.exif_transpose(image)
+    except _DECODE_ERRORS:
+        return image

@@ -1,0 +1,106 @@
+"""End-to-end: `python -m finetune` as users run it, on tiny data the test writes."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from finetune.train import train
+
+ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "WANDB_MODE": "offline"}
+
+
+def _run_cli(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "finetune", *args], cwd=cwd, env=ENV, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _read_metrics(run_dir: Path) -> list[dict[str, str]]:
+    with open(run_dir / "csv" / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_cli_run_on_folder_writes_checkpoint_and_consistent_summary(tmp_path: Path, image_folder: Path) -> None:
+    run_dir = tmp_path / "run"
+    proc = _run_cli(
+        ["backbone=resnet18", "backbone.weights=none", "strategy=partial_unfreeze", "strategy.unfreeze_last=1",
+         "data=folder", f"data.root={image_folder}", "data.image_size=32", "data.batch_size=8",
+         "data.num_workers=0", "trainer.max_epochs=2", "trainer.accelerator=cpu", "callbacks.progress_bar=none",
+         f"hydra.run.dir={run_dir}"],
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert Path(summary["best_checkpoint"]).is_file()
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert (run_dir / "confusion_matrix.png").stat().st_size > 1000
+    assert (run_dir / ".hydra" / "config.yaml").is_file()
+    assert OmegaConf.load(summary["config_path"]).backbone.name == "resnet18"
+
+    rows = _read_metrics(run_dir)
+    val = [float(r["val/acc"]) for r in rows if r.get("val/acc")]
+    assert summary["epochs_run"] == 2 == len(val)
+    assert summary["best_val_metric"] == pytest.approx(max(val), abs=1e-6)
+    test_rows = [r for r in rows if r.get("test/acc")]
+    assert summary["test"]["acc"] == pytest.approx(float(test_rows[-1]["test/acc"]), abs=1e-6)
+    for key in ("acc", "mean_class_acc", "f1_macro", "loss"):
+        assert key in summary["test"]
+    assert "top5" not in summary["test"]  # 3 classes: top-5 is meaningless
+    assert summary["num_classes"] == 3 and summary["dataset"] == "folder"
+    assert summary["trainable_stages"] == ["layer4"]
+    assert 0 < summary["params_trainable"] < summary["params_total"]
+    assert summary["wall_seconds"]["total"] >= summary["wall_seconds"]["training"] > 0
+    assert summary["peak_memory"]["cpu_rss_bytes"] > 0
+    assert summary["device"] == "cpu"
+
+
+def test_digits_default_run_learns(compose_cfg) -> None:
+    """The main job on the defaults (digits) composes and learns far above chance (10%)."""
+    cfg = compose_cfg("backbone.weights=none", "strategy=partial_unfreeze", "trainer.max_epochs=1",
+                      "data.image_size=32", "logger=none", "trainer.enable_model_summary=false")
+    summary = train(cfg)
+    assert summary["test"]["acc"] > 0.5
+    assert summary["test"]["top5"] >= summary["test"]["acc"]
+
+
+def test_unknown_choice_lists_valid_ones(tmp_path: Path) -> None:
+    proc = _run_cli(["backbone=vgg17"], cwd=tmp_path, timeout=120)
+    assert proc.returncode != 0
+    assert "vgg16" in proc.stderr and "resnet50" in proc.stderr
+
+
+def test_bad_config_exits_2_without_traceback(tmp_path: Path) -> None:
+    proc = _run_cli(["optimizer.lr=-1", f"hydra.run.dir={tmp_path / 'r'}"], cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2
+    assert "optimizer.lr" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_bad_files_are_skipped_and_listed(compose_cfg, image_folder: Path) -> None:
+    (image_folder / "class_0" / "broken.jpg").write_bytes(b"")  # zero-byte
+    good = image_folder / "class_1" / "img_001.jpg"
+    (image_folder / "class_1" / "truncated.jpg").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    cfg = compose_cfg("backbone.weights=none", "data=folder", f"data.root={image_folder}", "data.image_size=32",
+                      "data.num_workers=0", "trainer.max_epochs=1", "logger=none")
+    summary = train(cfg)
+    listed = (Path(cfg.paths.output_dir) / "bad_files.txt").read_text()
+    assert "broken.jpg" in listed and "truncated.jpg" in listed
+    assert sum(summary["split_sizes"].values()) == 36  # 38 files, 2 skipped
+
+
+def test_bad_files_with_error_policy_stop_before_training(compose_cfg, image_folder: Path) -> None:
+    from finetune.errors import SetupError
+
+    (image_folder / "class_2" / "notes.jpg").write_text("not an image")
+    cfg = compose_cfg("backbone.weights=none", "data=folder", f"data.root={image_folder}",
+                      "data.on_bad_image=error", "logger=none")
+    with pytest.raises(SetupError, match="on_bad_image=skip"):
+        train(cfg)
+    assert "notes.jpg" in (Path(cfg.paths.output_dir) / "bad_files.txt").read_text()
+    assert not (Path(cfg.paths.output_dir) / "checkpoints").exists()
