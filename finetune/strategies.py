@@ -12,7 +12,7 @@ from torch import nn
 from finetune.backbones import Backbone
 from finetune.errors import SetupError
 
-STRATEGY_NAMES = ("feature_extractor", "partial_unfreeze", "full_finetune")
+STRATEGY_NAMES = ("feature_extractor", "partial_unfreeze", "full_finetune", "linear_probe")
 
 
 def trainable_stages(
@@ -20,7 +20,7 @@ def trainable_stages(
 ) -> list[str]:
     """Names of the stages that train under ``strategy`` (always a suffix of the list)."""
     n = len(stage_names)
-    if strategy == "feature_extractor":
+    if strategy in ("feature_extractor", "linear_probe"):
         return []
     if strategy == "full_finetune":
         return list(stage_names)

@@ -6,7 +6,7 @@ flow, and returns the summary (whose ``objective`` an Optuna sweep reads).
 
 from __future__ import annotations
 
-import datetime as dt
+import hashlib
 import logging
 import os
 import time
@@ -18,14 +18,14 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from finetune.backbones import preprocessing_for, weights_source
-from finetune.data.datamodule import ImageDataModule, Transformed
+from finetune.backbones import preprocessing_for
+from finetune.data.datamodule import ImageDataModule, Transformed, resolve_num_workers
 from finetune.data.datasets import Splits, load_splits
-from finetune.data.transforms import eval_transform, train_transform
+from finetune.data.transforms import describe, eval_transform, train_transform
 from finetune.errors import SetupError
+from finetune.features import FeatureCacheDataModule, cache_key, frozen_prefix, weights_identity
 from finetune.module import FinetuneModule
-from finetune.run_outputs import peak_memory, plot_confusion_matrix, write_json_atomic
-from finetune.strategies import count_params
+from finetune.summary import device_name, make_summary, write_run_files
 
 log = logging.getLogger(__name__)
 
@@ -49,16 +49,69 @@ def build_module(cfg: DictConfig, splits: Splits) -> FinetuneModule:
     )
 
 
-def build_datamodule(cfg: DictConfig, splits: Splits) -> ImageDataModule:
+def resolve_augment(data_cfg: DictConfig, strategy: str) -> bool:
+    """``auto``: no augmentation for feature_extractor (the linear-probe protocol), else on."""
+    value = data_cfg.get("augment", "auto")
+    if value == "auto":
+        return strategy not in ("feature_extractor", "linear_probe")
+    return bool(value)
+
+
+def decide_cache(cfg: DictConfig, frozen_prefix_len: int, augment: bool) -> tuple[bool, str]:
+    """Whether the feature cache serves this run, and a one-line note when it does not."""
+    enabled = cfg.cache.get("enabled", "auto")
+    if enabled is False or enabled == "false":
+        return False, ""
+    if frozen_prefix_len == 0:
+        return False, "feature cache off: no leading stage is frozen (full_finetune)."
+    if augment and int(cfg.cache.get("views", 0)) <= 0:
+        return False, ("feature cache off: train augmentation changes the input every epoch; set "
+                       "data.augment=false (linear-probe protocol) or cache.views=K to cache K augmented views.")
+    return True, ""
+
+
+def use_channels_last(cfg: DictConfig) -> bool:
+    value = cfg.get("speed", {}).get("channels_last", "auto")
+    if value == "auto":
+        return torch.cuda.is_available() and str(cfg.trainer.get("accelerator")) != "cpu"
+    return bool(value)
+
+
+def build_datamodule(
+    cfg: DictConfig, splits: Splits, module: FinetuneModule
+) -> ImageDataModule | FeatureCacheDataModule:
+    """Image loaders, or cached frozen-prefix outputs (then ``module.input_stage`` skips the prefix)."""
     prep = preprocessing_for(cfg.backbone.name).at_size(cfg.data.get("image_size"))
-    train_tf = train_transform(prep, bool(cfg.data.augment), bool(cfg.data.get("hflip", True)))
+    augment = resolve_augment(cfg.data, cfg.strategy.name)
+    train_tf = train_transform(prep, augment, bool(cfg.data.get("hflip", True)))
     eval_tf = eval_transform(prep)
-    return ImageDataModule(
-        Transformed(splits.train, train_tf),
-        Transformed(splits.val, eval_tf),
-        Transformed(splits.test, eval_tf),
-        batch_size=cfg.data.batch_size,
-        num_workers=cfg.data.get("num_workers", "auto"),
+    images = {"train": Transformed(splits.train, train_tf), "val": Transformed(splits.val, eval_tf),
+              "test": Transformed(splits.test, eval_tf)}
+    prefix_len = module.backbone.num_frozen_prefix
+    cached, note = decide_cache(cfg, prefix_len, augment)
+    if note:
+        log.info(note)
+    if not cached:
+        return ImageDataModule(images["train"], images["val"], images["test"], batch_size=cfg.data.batch_size,
+                               num_workers=cfg.data.get("num_workers", "auto"))
+    views = max(1, int(cfg.cache.get("views", 0))) if augment else 1
+    meta = {
+        "backbone": cfg.backbone.name,
+        "weights": weights_identity(cfg.backbone.name, cfg.backbone.weights, int(cfg.seed)),
+        "frozen_stages": module.backbone.stage_names[:prefix_len],
+        "train_transform": describe(train_tf),
+        "eval_transform": describe(eval_tf),
+        "data": hashlib.sha256(splits.fingerprint.encode()).hexdigest(),
+        "split_sizes": [len(splits.train), len(splits.val), len(splits.test)],
+        "views": views,
+        "dtype": str(cfg.cache.get("dtype", "float32")),
+    }
+    folder = Path(str(cfg.cache.dir)).expanduser() / f"{cfg.backbone.name}-{cache_key(meta)}"
+    module.input_stage = prefix_len
+    return FeatureCacheDataModule(
+        images, frozen_prefix(module.backbone, prefix_len), folder, meta, batch_size=int(cfg.data.batch_size),
+        num_workers=resolve_num_workers(cfg.data.get("num_workers", "auto")), dtype=meta["dtype"],
+        train_views=views, channels_last=use_channels_last(cfg),
     )
 
 
@@ -118,13 +171,6 @@ def check_data(data_cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     return {"skip": set(skip)}
 
 
-def _device_name(trainer: pl.Trainer) -> str:
-    root = trainer.strategy.root_device
-    if root.type == "cuda":
-        return f"cuda:{torch.cuda.get_device_name(root)}"
-    return root.type
-
-
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit, test with the best checkpoint, write summary.json; returns the summary."""
     started = time.perf_counter()
@@ -134,11 +180,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     splits = load_splits(cfg.data, **check_data(cfg.data, out_dir))
     module = build_module(cfg, splits)
-    datamodule = build_datamodule(cfg, splits)
-    feature_seconds = 0.0
+    (out_dir / "resolved_config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    if cfg.strategy.name == "linear_probe":
+        from finetune.linear_probe import run_linear_probe
 
-    config_path = out_dir / "resolved_config.yaml"
-    config_path.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        return run_linear_probe(cfg, splits, module, build_datamodule(cfg, splits, module), out_dir, started,
+                                augment=resolve_augment(cfg.data, cfg.strategy.name))
+    datamodule = build_datamodule(cfg, splits, module)
+    if use_channels_last(cfg):
+        module = module.to(memory_format=torch.channels_last)
+    fit_module = torch.compile(module) if cfg.get("speed", {}).get("compile", False) else module
 
     loggers = build_loggers(cfg)
     trainer: pl.Trainer = instantiate(
@@ -146,55 +197,29 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         default_root_dir=str(out_dir),
     )
     fit_started = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule)
-    train_seconds = time.perf_counter() - fit_started
+    trainer.fit(fit_module, datamodule=datamodule)
+    feature_seconds = getattr(datamodule, "extract_seconds", 0.0)
+    train_seconds = time.perf_counter() - fit_started - feature_seconds
     checkpoint = trainer.checkpoint_callback
     best_path = getattr(checkpoint, "best_model_path", "") or None
     best_score = getattr(checkpoint, "best_model_score", None)
 
     test_started = time.perf_counter()
-    results = trainer.test(module, datamodule=datamodule, ckpt_path=best_path, verbose=False)
+    results = trainer.test(fit_module, datamodule=datamodule, ckpt_path=best_path, verbose=False)
     test_seconds = time.perf_counter() - test_started
     test = {k.removeprefix("test/"): float(v) for k, v in (results[0] if results else {}).items()}
 
-    summary = {
-        "backbone": cfg.backbone.name,
-        "weights": weights_source(cfg.backbone.weights),
-        "weights_path": str(cfg.backbone.weights) if weights_source(cfg.backbone.weights) == "file" else None,
-        "strategy": cfg.strategy.name,
-        "unfreeze_last": cfg.strategy.get("unfreeze_last"),
-        "trainable_stages": list(module.trainable),
-        "dataset": cfg.data.name,
-        "num_classes": splits.num_classes,
-        "split_sizes": {"train": len(splits.train), "val": len(splits.val), "test": len(splits.test)},
-        "image_size": module.hparams.preprocessing["crop_size"],
-        "params_total": count_params(module),
-        "params_trainable": count_params(module, trainable_only=True),
-        "epochs_run": int(trainer.current_epoch),
-        "global_steps": int(trainer.global_step),
-        "monitor": cfg.monitor,
-        "best_val_metric": float(best_score) if best_score is not None else None,
-        "best_checkpoint": best_path,
-        "test": test,
-        "wall_seconds": {
-            "feature_extraction": round(feature_seconds, 3),
-            "training": round(train_seconds, 3),
-            "test": round(test_seconds, 3),
-            "total": round(time.perf_counter() - started, 3),
-        },
-        "peak_memory": peak_memory(),
-        "device": _device_name(trainer),
-        "precision": str(cfg.trainer.get("precision")),
-        "config_path": str(config_path),
-        "run_dir": str(out_dir),
-        "seed": int(cfg.seed),
-        "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-    }
+    summary = make_summary(
+        cfg, splits, module, out_dir, augment=resolve_augment(cfg.data, cfg.strategy.name),
+        feature_cache=str(datamodule.folder) if isinstance(datamodule, FeatureCacheDataModule) else None,
+        epochs_run=int(trainer.current_epoch), global_steps=int(trainer.global_step),
+        best_val_metric=float(best_score) if best_score is not None else None, best_checkpoint=best_path,
+        test=test, seconds={"feature_extraction": feature_seconds, "training": train_seconds, "test": test_seconds,
+                            "total": time.perf_counter() - started},
+        device=device_name(trainer.strategy.root_device),
+    )
     if trainer.is_global_zero:
-        if module.confusion_matrix is not None:
-            plot_confusion_matrix(module.confusion_matrix, splits.classes, out_dir / "confusion_matrix.png")
-        write_json_atomic(out_dir / "summary.json", summary)
-    summary["objective"] = summary["best_val_metric"]
+        write_run_files(summary, module.confusion_matrix, splits.classes, out_dir)
     return summary
 
 

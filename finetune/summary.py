@@ -1,0 +1,69 @@
+"""summary.json: what one run measured, assembled in one place and written last, atomically."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from finetune.backbones import weights_source
+from finetune.module import FinetuneModule
+from finetune.run_outputs import peak_memory, plot_confusion_matrix, write_json_atomic
+from finetune.strategies import count_params
+
+
+def device_name(root: torch.device) -> str:
+    if root.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(root)}"
+    return root.type
+
+
+def make_summary(
+    cfg: DictConfig, splits: Any, module: FinetuneModule, out_dir: Path, *, augment: bool,
+    feature_cache: str | None,
+    epochs_run: int, global_steps: int, best_val_metric: float | None, best_checkpoint: str | None,
+    test: dict[str, float], seconds: dict[str, float], device: str, monitor: str | None = None,
+) -> dict[str, Any]:
+    """summary.json's content (DESIGN.md): the machine-readable truth of one run."""
+    source = weights_source(cfg.backbone.weights)
+    return {
+        "backbone": cfg.backbone.name,
+        "weights": source,
+        "weights_path": str(cfg.backbone.weights) if source == "file" else None,
+        "strategy": cfg.strategy.name,
+        "unfreeze_last": cfg.strategy.get("unfreeze_last"),
+        "trainable_stages": list(module.trainable),
+        "dataset": cfg.data.name,
+        "augment": augment,
+        "feature_cache": feature_cache,
+        "num_classes": splits.num_classes,
+        "split_sizes": {"train": len(splits.train), "val": len(splits.val), "test": len(splits.test)},
+        "image_size": module.hparams.preprocessing["crop_size"],
+        "params_total": count_params(module),
+        "params_trainable": count_params(module, trainable_only=True),
+        "epochs_run": epochs_run,
+        "global_steps": global_steps,
+        "monitor": monitor or cfg.monitor,
+        "best_val_metric": best_val_metric,
+        "best_checkpoint": best_checkpoint,
+        "test": test,
+        "wall_seconds": {k: round(float(v), 3) for k, v in seconds.items()},
+        "peak_memory": peak_memory(),
+        "device": device,
+        "precision": str(cfg.trainer.get("precision")),
+        "config_path": str(out_dir / "resolved_config.yaml"),
+        "run_dir": str(out_dir),
+        "seed": int(cfg.seed),
+        "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "objective": best_val_metric,
+    }
+
+
+def write_run_files(summary: dict[str, Any], confusion: torch.Tensor | None, classes: list[str], out_dir: Path) -> None:
+    """The plot first, summary.json last (atomically): a present summary means a finished run."""
+    if confusion is not None:
+        plot_confusion_matrix(confusion, classes, out_dir / "confusion_matrix.png")
+    write_json_atomic(out_dir / "summary.json", summary)

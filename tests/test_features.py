@@ -1,0 +1,106 @@
+"""Feature cache: same results as the uncached path, reused across runs, keyed, sharded, memory-mapped."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from finetune.features import FeatureCacheDataModule, FeatureDataset, shard_files
+from finetune.train import train
+
+TINY = ("backbone.weights=none", "data.image_size=32", "logger=none", "trainer.max_epochs=2",
+        "data.val_fraction=0.1", "data.test_fraction=0.1")
+
+
+def test_cached_run_equals_uncached_run_and_is_reused(compose_cfg) -> None:
+    cached = train(compose_cfg(*TINY, "strategy=feature_extractor"))
+    assert cached["feature_cache"] is not None and cached["wall_seconds"]["feature_extraction"] > 0
+    folder = Path(cached["feature_cache"])
+    features = np.load(next(folder.glob("train.0of1.features.npy")), mmap_mode="r")
+    assert isinstance(features, np.memmap) and features.shape[1] == 512
+
+    again = train(compose_cfg(*TINY, "strategy=feature_extractor"))
+    assert again["feature_cache"] == cached["feature_cache"]
+    assert again["wall_seconds"]["feature_extraction"] < 0.05  # nothing extracted the second time
+
+    uncached = train(compose_cfg(*TINY, "strategy=feature_extractor", "cache.enabled=false"))
+    assert uncached["feature_cache"] is None
+    for key in ("acc", "mean_class_acc"):
+        assert cached["test"][key] == pytest.approx(uncached["test"][key], abs=0.005)
+        assert again["test"][key] == cached["test"][key]
+
+
+def test_cache_key_changes_with_what_determines_the_features(compose_cfg) -> None:
+    base = train(compose_cfg(*TINY, "trainer.max_epochs=1"))
+    other_size = train(compose_cfg(*TINY, "trainer.max_epochs=1", "data.image_size=48"))
+    other_seed = train(compose_cfg(*TINY, "trainer.max_epochs=1", "seed=7"))  # random init differs
+    assert len({base["feature_cache"], other_size["feature_cache"], other_seed["feature_cache"]}) == 3
+    meta = json.loads((Path(base["feature_cache"]) / "meta.json").read_text())
+    assert meta["frozen_stages"] == ["stem", "layer1", "layer2", "layer3", "layer4"]
+
+
+def test_partial_unfreeze_caches_the_last_frozen_stage(compose_cfg) -> None:
+    summary = train(compose_cfg(*TINY, "strategy=partial_unfreeze", "strategy.unfreeze_last=1",
+                                "data.augment=false"))
+    features = np.load(Path(summary["feature_cache"]) / "train.0of1.features.npy", mmap_mode="r")
+    assert features.shape[1:] == (256, 2, 2)  # layer3 output at 32 px
+    assert summary["trainable_stages"] == ["layer4"] and summary["test"]["acc"] > 0.3
+
+
+def test_augmentation_turns_cache_off_unless_views_are_cached(compose_cfg) -> None:
+    off = train(compose_cfg(*TINY, "trainer.max_epochs=1", "data.augment=true"))
+    assert off["feature_cache"] is None
+    on = train(compose_cfg(*TINY, "trainer.max_epochs=1", "data.augment=true", "cache.views=2"))
+    features = np.load(Path(on["feature_cache"]) / "train.0of1.features.npy", mmap_mode="r")
+    assert features.shape[0] == 2 and features.shape[2] == 512
+    assert not np.array_equal(features[0], features[1])  # two different augmented views
+
+
+def test_fp16_storage(compose_cfg) -> None:
+    summary = train(compose_cfg(*TINY, "trainer.max_epochs=1", "cache.dtype=float16"))
+    features = np.load(Path(summary["feature_cache"]) / "val.0of1.features.npy", mmap_mode="r")
+    assert features.dtype == np.float16
+    assert summary["test"]["acc"] > 0.2
+
+
+def test_each_rank_extracts_its_shard(tmp_path: Path) -> None:
+    images = {s: torch.utils.data.TensorDataset(torch.randn(7, 3, 8, 8), torch.arange(7)) for s in
+              ("train", "val", "test")}
+    prefix = torch.nn.Sequential(torch.nn.Flatten(1))
+    for rank in (0, 1):
+        dm = FeatureCacheDataModule(images, prefix, tmp_path, {}, batch_size=3)
+        dm._extract_missing(rank, 2, torch.device("cpu"))
+    rank0 = FeatureDataset(shard_files(tmp_path, "train", 0, 2))
+    rank1 = FeatureDataset(shard_files(tmp_path, "train", 1, 2))
+    assert rank0.labels.tolist() == [0, 2, 4, 6] and rank1.labels.tolist() == [1, 3, 5]
+    torch.testing.assert_close(rank1[0][0], images["train"][1][0].flatten())
+
+
+def test_linear_probe_protocol(compose_cfg) -> None:
+    summary = train(compose_cfg(*TINY, "strategy=linear_probe", "strategy.c_num=3"))
+    assert summary["epochs_run"] == 0 and summary["monitor"] == "val/mean_class_acc"
+    assert summary["test"]["mean_class_acc"] > 0.5
+    assert len(summary["linear_probe"]["val_mean_class_acc"]) == 3
+    assert Path(summary["best_checkpoint"]).is_file()
+
+
+def test_linear_probe_head_reproduces_sklearn() -> None:
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    from finetune.linear_probe import fold_into_head
+    from finetune.module import FinetuneModule
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(60, 512)).astype(np.float32) * 3 + 1
+    y = np.arange(60) % 3
+    scaler = StandardScaler().fit(x)
+    clf = LogisticRegression(max_iter=500).fit(scaler.transform(x), y)
+    module = FinetuneModule("resnet18", num_classes=3, weights="none")
+    fold_into_head(module, scaler, clf)
+    logits = module.head(torch.from_numpy(x)).detach().numpy()
+    np.testing.assert_allclose(logits, clf.decision_function(scaler.transform(x)), rtol=1e-3, atol=1e-3)
