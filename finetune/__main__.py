@@ -13,6 +13,8 @@ from finetune.errors import SetupError
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")
 def _run(cfg: DictConfig) -> float | None:
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
+
     from finetune.train import check_config, train
 
     try:
@@ -21,6 +23,10 @@ def _run(cfg: DictConfig) -> float | None:
     except SetupError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(err.exit_code)
+    except SIGTERMException:
+        print(f"interrupted by SIGTERM: a resumable checkpoint is in {cfg.paths.output_dir}/checkpoints; continue "
+              f"with the same command plus resume=auto hydra.run.dir={cfg.paths.output_dir}", file=sys.stderr)
+        sys.exit(143)
 
 
 def main() -> None:

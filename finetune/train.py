@@ -7,6 +7,7 @@ flow, and returns the summary (whose ``objective`` an Optuna sweep reads).
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import time
@@ -25,6 +26,14 @@ from finetune.data.transforms import describe, eval_transform, train_transform
 from finetune.errors import SetupError
 from finetune.features import FeatureCacheDataModule, cache_key, frozen_prefix, weights_identity
 from finetune.module import FinetuneModule
+from finetune.resume import (
+    AtomicCheckpointIO,
+    FiniteLoss,
+    InterruptCheckpoint,
+    RNGState,
+    check_resume_matches,
+    resolve_resume,
+)
 from finetune.summary import device_name, make_summary, write_run_files
 
 log = logging.getLogger(__name__)
@@ -124,7 +133,12 @@ def build_callbacks(cfg: DictConfig, has_logger: bool = True) -> list[pl.Callbac
     )
 
     cb = cfg.callbacks
-    callbacks: list[pl.Callback] = [instantiate(cb.checkpoint)]
+    callbacks: list[pl.Callback] = [
+        instantiate(cb.checkpoint),
+        RNGState(),
+        InterruptCheckpoint(Path(cfg.paths.output_dir) / "checkpoints"),
+        FiniteLoss(),
+    ]
     if cb.early_stopping.enabled:
         callbacks.append(EarlyStopping(monitor=cfg.monitor, mode="max", patience=int(cb.early_stopping.patience)))
     if cb.lr_monitor and has_logger:
@@ -176,6 +190,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     started = time.perf_counter()
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    finished = out_dir / "summary.json"
+    if cfg.get("resume") == "auto" and finished.is_file():
+        # A resumed sweep skips the jobs that already finished.
+        log.info("resume=auto: %s is finished (summary.json present); skipping it", out_dir)
+        return json.loads(finished.read_text())
     pl.seed_everything(int(cfg.seed), workers=True)
 
     splits = load_splits(cfg.data, **check_data(cfg.data, out_dir))
@@ -191,13 +210,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         module = module.to(memory_format=torch.channels_last)
     fit_module = torch.compile(module) if cfg.get("speed", {}).get("compile", False) else module
 
+    resume_from = resolve_resume(cfg.get("resume"), out_dir)
+    if resume_from is not None:
+        check_resume_matches(resume_from, cfg, splits.num_classes)
+        log.info("resuming from %s", resume_from)
     loggers = build_loggers(cfg)
     trainer: pl.Trainer = instantiate(
         cfg.trainer, callbacks=build_callbacks(cfg, has_logger=bool(loggers)), logger=loggers or False,
-        default_root_dir=str(out_dir),
+        default_root_dir=str(out_dir), plugins=[AtomicCheckpointIO()],
     )
     fit_started = time.perf_counter()
-    trainer.fit(fit_module, datamodule=datamodule)
+    trainer.fit(fit_module, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None)
     feature_seconds = getattr(datamodule, "extract_seconds", 0.0)
     train_seconds = time.perf_counter() - fit_started - feature_seconds
     checkpoint = trainer.checkpoint_callback

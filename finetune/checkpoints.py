@@ -1,0 +1,167 @@
+"""Load a trained FinetuneModule back from a checkpoint file, without running code from the file.
+
+Prediction and export both start here. A checkpoint is only ever read with
+``torch.load(weights_only=True)``: a pickle that names Python classes or functions (a pickled
+``nn.Module``, a checkpoint of some other program) is refused before anything in it is imported.
+Our Lightning checkpoints pass, because ``save_hyperparameters`` stores plain types only.
+"""
+
+from __future__ import annotations
+
+import inspect
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from finetune.backbones import Preprocessing, preprocessing_for
+from finetune.errors import SetupError
+from finetune.module import FinetuneModule
+
+EXPECTED = (
+    "a Lightning checkpoint written by a finetune run (outputs/.../checkpoints/*.ckpt): a dict with "
+    "'state_dict' and 'hyper_parameters' (backbone, num_classes, class_names, preprocessing, ...)"
+)
+REQUIRED_HPARAMS = ("backbone", "num_classes")
+# torch.compile wraps the module; a checkpoint of the wrapper carries this prefix on every key.
+COMPILED_PREFIX = "_orig_mod."
+
+
+def load_module(path: str | Path) -> FinetuneModule:
+    """The trained model of a finetune checkpoint, in eval mode, taking images (``input_stage=0``)."""
+    path = Path(path).expanduser()
+    checkpoint = read_checkpoint(path)
+    hparams = checkpoint_hparams(checkpoint, path)
+    module = build_module(hparams, path)
+    load_weights(module, checkpoint["state_dict"], path)
+    module.input_stage = 0  # a run on cached features saved a module fed by the prefix's outputs
+    return module.eval()
+
+
+def preprocessing_of(module: FinetuneModule) -> Preprocessing:
+    """The checkpoint's own input protocol; the backbone's ImageNet default if it predates that field."""
+    prep = module.hparams.get("preprocessing")
+    if not prep:
+        return preprocessing_for(module.hparams["backbone"])
+    return Preprocessing(
+        resize_size=int(prep["resize_size"]),
+        crop_size=int(prep["crop_size"]),
+        mean=tuple(float(v) for v in prep["mean"]),  # type: ignore[arg-type]
+        std=tuple(float(v) for v in prep["std"]),  # type: ignore[arg-type]
+    )
+
+
+def class_names_of(module: FinetuneModule) -> list[str]:
+    """Class names stored by the run, or the class indices when the module was built without them."""
+    names = module.hparams.get("class_names")
+    count = int(module.hparams["num_classes"])
+    return [str(n) for n in names] if names and len(names) == count else [str(i) for i in range(count)]
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """The checkpoint as plain data; a SetupError says what the file holds when it is not one of ours."""
+    if not path.is_file():
+        raise SetupError(f"Checkpoint '{path}' does not exist or is not a file. Expected {EXPECTED}.")
+    refuse_code_pickles(path)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        reason = why_unreadable(path, error)
+        raise SetupError(f"Cannot read '{path}' as a checkpoint: {reason}. Expected {EXPECTED}.") from None
+    if not (isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict)
+            and isinstance(obj.get("hyper_parameters"), dict)):
+        raise SetupError(f"'{path}' holds {describe(obj)}, not a finetune checkpoint. Expected {EXPECTED}.")
+    return obj
+
+
+def refuse_code_pickles(path: Path) -> None:
+    """Name the classes a pickle would import, before ``torch.load`` gets to refuse it with a long story.
+
+    Only torch's zip format can be inspected this way; other files fall through to
+    ``torch.load(weights_only=True)``, which refuses them too, just less clearly.
+    """
+    if not zipfile.is_zipfile(path):
+        return
+    try:
+        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # not a torch archive after all: torch.load will say so
+        return
+    if unsafe:
+        shown = ", ".join(sorted(unsafe)[:3]) + (f" and {len(unsafe) - 3} more" if len(unsafe) > 3 else "")
+        raise SetupError(
+            f"Refused to load '{path}': it is a pickle of Python objects ({shown}), and loading it would "
+            f"import and run code from the file. Expected {EXPECTED}; a pickled model can be turned into "
+            f"one only by the code that made it (trainer.save_checkpoint, or re-train with python -m finetune)."
+        )
+
+
+def why_unreadable(path: Path, error: Exception) -> str:
+    """Say what the file is rather than repeat torch's advice to load it with weights_only=False."""
+    first_line = (str(error).splitlines() or [""])[0][:200]
+    if "weights only load failed" in first_line.lower():
+        with path.open("rb") as f:
+            head = f.read(8)
+        if not head.startswith(b"\x80"):  # every pickle since protocol 2 starts with PROTO (0x80)
+            return f"it is neither a torch.save archive nor a pickle (it starts with the bytes {head!r})"
+        return ("it is a pickle that torch.load(weights_only=True) refuses: not written by torch.save, or holding "
+                "Python objects that only running code from the file could rebuild")
+    return f"torch.load failed ({type(error).__name__}: {first_line})"
+
+
+def describe(obj: Any) -> str:
+    """A few words on what a loaded object is, for error messages."""
+    if isinstance(obj, torch.Tensor):
+        return f"a single tensor of shape {tuple(obj.shape)}"
+    if isinstance(obj, dict):
+        keys = list(obj)
+        if keys and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            return f"a state_dict of {len(keys)} tensors (keys like {keys[:3]}) without hyper_parameters"
+        return f"a dict with keys {keys[:8]}" + (" ..." if len(keys) > 8 else "")
+    return f"a {type(obj).__name__}"
+
+
+def checkpoint_hparams(checkpoint: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The constructor arguments saved by ``save_hyperparameters``, checked against ours."""
+    hparams = dict(checkpoint["hyper_parameters"])
+    missing = [k for k in REQUIRED_HPARAMS if k not in hparams]
+    if missing:
+        raise SetupError(
+            f"'{path}' is a Lightning checkpoint, but not of a finetune model: its hyper_parameters "
+            f"{sorted(hparams)[:10]} lack {missing}. Expected {EXPECTED}."
+        )
+    accepted = set(inspect.signature(FinetuneModule.__init__).parameters) - {"self"}
+    unknown = sorted(set(hparams) - accepted)
+    if unknown:
+        raise SetupError(
+            f"'{path}' was written by another version of finetune: hyper_parameters {unknown} are unknown "
+            f"to this one. Load it with the finetune version that trained it."
+        )
+    return hparams
+
+
+def build_module(hparams: dict[str, Any], path: Path) -> FinetuneModule:
+    """The same architecture, without fetching pretrained weights: the checkpoint overwrites them all."""
+    try:
+        return FinetuneModule(**{**hparams, "weights": "none", "input_stage": 0})
+    except SetupError as error:
+        raise SetupError(f"Cannot rebuild the model of '{path}': {error}") from None
+
+
+def load_weights(module: FinetuneModule, state_dict: dict[str, Any], path: Path) -> None:
+    """Strict load: a missing or extra tensor means the file does not describe this model."""
+    if state_dict and all(k.startswith(COMPILED_PREFIX) for k in state_dict):
+        state_dict = {k[len(COMPILED_PREFIX):]: v for k, v in state_dict.items()}
+    own = module.state_dict()
+    missing = sorted(own.keys() - state_dict.keys())
+    unexpected = sorted(state_dict.keys() - own.keys())
+    mismatched = sorted(k for k in own.keys() & state_dict.keys()
+                        if getattr(state_dict[k], "shape", None) != own[k].shape)
+    if missing or unexpected or mismatched:
+        raise SetupError(
+            f"The weights in '{path}' do not fit the model its hyper_parameters describe "
+            f"({module.hparams['backbone']}, {module.hparams['num_classes']} classes): "
+            f"{len(missing)} missing (e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]}), "
+            f"{len(mismatched)} of another shape (e.g. {mismatched[:2]}). The file is damaged or was edited."
+        )
+    module.load_state_dict(state_dict, strict=True)

@@ -1,0 +1,144 @@
+"""Interruptions: SIGKILL + resume equals an uninterrupted run; SIGTERM saves; writes are atomic; NaN stops."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from finetune.errors import SetupError
+from finetune.resume import AtomicCheckpointIO, TrainingDiverged
+from finetune.train import train
+from tests.conftest import write_image_folder
+
+ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+
+
+def _args(root: Path, run_dir: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "finetune", "backbone=resnet18", "backbone.weights=none",
+            "strategy=full_finetune", "data=folder", f"data.root={root}", "data.image_size=32", "data.batch_size=2",
+            "data.num_workers=0", "data.check=false", "trainer.max_epochs=3", "trainer.accelerator=cpu",
+            "callbacks.progress_bar=none", "optimizer.lr=3e-3", "head.dropout=0.2", f"hydra.run.dir={run_dir}",
+            *extra]
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else "process ended early"
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.02)
+
+
+def _weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    return torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+
+
+@pytest.fixture(scope="module")
+def big_folder(tmp_path_factory) -> Path:
+    return write_image_folder(tmp_path_factory.mktemp("data") / "images", classes=3, per_class=40)
+
+
+def test_sigkill_mid_epoch_then_resume_equals_uninterrupted_run(tmp_path: Path, big_folder: Path) -> None:
+    straight = subprocess.run(_args(big_folder, tmp_path / "straight"), env=ENV, capture_output=True, text=True,
+                              timeout=600)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+
+    killed_dir = tmp_path / "killed"
+    proc = subprocess.Popen(_args(big_folder, killed_dir), env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    _wait_for(killed_dir / "checkpoints" / "last.ckpt", proc)  # written at the end of epoch 1
+    time.sleep(0.3)  # well inside epoch 2
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    saved = torch.load(killed_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert saved["epoch"] == 0, "the kill should land in epoch 2, after epoch 1's checkpoint"
+    assert not (killed_dir / "summary.json").exists()
+
+    resumed = subprocess.run(_args(big_folder, killed_dir, "resume=auto"), env=ENV, capture_output=True, text=True,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a = _weights(tmp_path / "straight" / "checkpoints" / "last.ckpt")
+    b = _weights(killed_dir / "checkpoints" / "last.ckpt")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{key} differs after resume"
+
+
+def test_sigterm_saves_resumable_checkpoint(tmp_path: Path, big_folder: Path) -> None:
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(_args(big_folder, run_dir, "trainer.max_epochs=2"), env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _wait_for(run_dir / "csv" / "hparams.yaml", proc)  # training has started
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr[-2000:]
+    assert "resume=auto" in stderr and "Traceback" not in stderr
+    assert (run_dir / "checkpoints" / "interrupted.ckpt").is_file()
+    resumed = subprocess.run(_args(big_folder, run_dir, "trainer.max_epochs=2", "resume=auto"), env=ENV,
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert (run_dir / "summary.json").is_file()
+
+
+def test_interrupted_write_never_replaces_a_good_checkpoint(tmp_path: Path, monkeypatch) -> None:
+    path = tmp_path / "last.ckpt"
+    io = AtomicCheckpointIO()
+    io.save_checkpoint({"state_dict": {"w": torch.ones(3)}}, path)
+
+    def dying_save(obj, f, *args, **kwargs):
+        f.write(b"half a checkpoint")
+        raise KeyboardInterrupt  # the kill arrives mid-write
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint({"state_dict": {"w": torch.zeros(3)}}, path)
+    monkeypatch.undo()
+    assert torch.equal(torch.load(path, weights_only=True)["state_dict"]["w"], torch.ones(3))
+    assert list(tmp_path.iterdir()) == [path]  # no temp file left behind
+
+
+def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(compose_cfg, image_folder: Path,
+                                                                 monkeypatch) -> None:
+    from finetune.module import FinetuneModule
+
+    original = FinetuneModule.training_step
+
+    def poisoned(self, batch, batch_idx):
+        loss = original(self, batch, batch_idx)
+        return loss * float("nan") if self.current_epoch == 1 else loss
+
+    monkeypatch.setattr(FinetuneModule, "training_step", poisoned)
+    cfg = compose_cfg("backbone.weights=none", "data=folder", f"data.root={image_folder}", "data.image_size=32",
+                      "data.num_workers=0", "trainer.max_epochs=3", "logger=none", "cache.enabled=false")
+    with pytest.raises(TrainingDiverged, match=r"global step \d+ .*lower optimizer.lr"):
+        train(cfg)
+    last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    state = torch.load(last, map_location="cpu", weights_only=True)
+    assert state["epoch"] == 0  # epoch 1's good weights, not the diverged ones
+    assert all(torch.isfinite(v).all() for v in state["state_dict"].values() if v.is_floating_point())
+    assert not (Path(cfg.paths.output_dir) / "checkpoints" / "interrupted.ckpt").exists()
+
+
+def test_resume_from_other_backbone_is_refused(compose_cfg, image_folder: Path) -> None:
+    common = ("backbone.weights=none", "data=folder", f"data.root={image_folder}", "data.image_size=32",
+              "data.num_workers=0", "trainer.max_epochs=1", "logger=none")
+    first = train(compose_cfg(*common))
+    cfg = compose_cfg(*common, "backbone=vgg11", f"resume={first['best_checkpoint']}")
+    with pytest.raises(SetupError, match="'backbone': 'resnet18'.*'backbone': 'vgg11'"):
+        train(cfg)
+
+
+def test_resume_auto_skips_finished_run(compose_cfg) -> None:
+    cfg = compose_cfg("backbone.weights=none", "data.image_size=32", "trainer.max_epochs=1", "logger=none")
+    first = train(cfg)
+    again = train(compose_cfg("backbone.weights=none", "data.image_size=32", "trainer.max_epochs=1",
+                              "logger=none", "resume=auto"))
+    assert again["finished_at"] == first["finished_at"]
