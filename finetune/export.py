@@ -35,7 +35,10 @@ EXAMPLE_BATCH = 2  # traced with this batch ...
 CHECK_BATCH = 3  # ... and checked with another, so a batch size baked into the graph shows up
 RTOL = 1e-3  # allowed max |exported - checkpoint| as a fraction of the largest logit (at least 1e-3 absolute)
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
-ONNX_MISSING = "ONNX export needs onnx and onnxruntime: pip install onnx onnxruntime (or pip install 'finetune[export]')."
+ONNX_MISSING = (
+    "ONNX export needs the onnx, onnxscript and onnxruntime packages: pip install onnx onnxscript onnxruntime "
+    "(or pip install 'finetune[export]')."
+)
 
 
 @dataclass(frozen=True)
@@ -90,16 +93,17 @@ def export(options: ExportOptions) -> ExportResult:
     crop = preprocessing_of(module).crop_size
     options.out.mkdir(parents=True, exist_ok=True)
     model_path = options.out / FORMATS[options.format]
-    example = torch.randn(EXAMPLE_BATCH, 3, crop, crop)
+    generator = torch.Generator().manual_seed(0)  # the same sample inputs on every run
+    example = torch.randn(EXAMPLE_BATCH, 3, crop, crop, generator=generator)
     if options.format == "onnx":
         export_onnx(network, example, model_path, options.opset)
         run_exported = onnx_runner(model_path)
     else:
-        export_torchscript(network, example, model_path)
+        export_torchscript(network, model_path)
         run_exported = torchscript_runner(model_path)
     prep_path = options.out / "preprocessing.json"
     write_json(prep_path, preprocessing_json(module, options.format, model_path.name, options.opset))
-    diff, tolerance = compare(module, run_exported, torch.randn(CHECK_BATCH, 3, crop, crop))
+    diff, tolerance = compare(module, run_exported, torch.randn(CHECK_BATCH, 3, crop, crop, generator=generator))
     return ExportResult(model_path, prep_path, diff, tolerance)
 
 
@@ -115,21 +119,26 @@ def inference_network(module: FinetuneModule) -> nn.Sequential:
 
 
 def export_onnx(network: nn.Module, example: torch.Tensor, path: Path, opset: int = OPSET) -> None:
-    """ONNX with a dynamic batch axis: the TorchScript-based exporter, else torch.export's (dynamo) one.
+    """ONNX with a dynamic batch axis: torch.export's (dynamo) exporter, the TorchScript-based one as fallback.
 
-    The TorchScript-based exporter needs nothing beyond torch and is fast; torch deprecates it,
-    so where it is gone or fails the dynamo exporter (which needs onnxscript) takes over.
+    The dynamo exporter is the one torch maintains, and it handles what the deprecated
+    TorchScript-based one refuses (VGG's adaptive pooling at any input size but 224 px).
     """
     try:
-        export_onnx_legacy(network, example, path, opset)
-    except Exception as legacy_error:
+        export_onnx_dynamo(network, example, path, opset)
+    except Exception as dynamo_error:
         try:
-            export_onnx_dynamo(network, example, path, opset)
-        except ImportError:
-            raise SetupError(
-                f"ONNX export failed ({type(legacy_error).__name__}: {legacy_error}) and the newer exporter "
-                f"needs onnxscript: pip install onnxscript."
-            ) from None
+            export_onnx_legacy(network, example, path, opset)
+        except Exception as legacy_error:
+            raise RuntimeError(
+                f"Both ONNX exporters failed. torch.export-based: {type(dynamo_error).__name__}: "
+                f"{first_line(dynamo_error)}; TorchScript-based: {type(legacy_error).__name__}: "
+                f"{first_line(legacy_error)}"
+            ) from legacy_error
+
+
+def first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [""])[0][:300]
 
 
 def export_onnx_legacy(network: nn.Module, example: torch.Tensor, path: Path, opset: int = OPSET) -> None:
@@ -143,8 +152,6 @@ def export_onnx_legacy(network: nn.Module, example: torch.Tensor, path: Path, op
 
 
 def export_onnx_dynamo(network: nn.Module, example: torch.Tensor, path: Path, opset: int = OPSET) -> None:
-    import onnxscript  # noqa: F401  (torch's dynamo exporter imports it; fail early and clearly)
-
     with torch.no_grad():
         torch.onnx.export(
             network, (example,), str(path), dynamo=True, opset_version=opset, input_names=[INPUT_NAME],
@@ -153,7 +160,7 @@ def export_onnx_dynamo(network: nn.Module, example: torch.Tensor, path: Path, op
         )
 
 
-def export_torchscript(network: nn.Module, example: torch.Tensor, path: Path) -> None:
+def export_torchscript(network: nn.Module, path: Path) -> None:
     """``torch.jit.script``: keeps every shape dynamic (tracing would only record the example's path).
 
     TorchScript is deprecated in favour of torch.export, but it is still what C++ (libtorch) and
@@ -171,6 +178,7 @@ def require_onnx() -> None:
     try:
         import onnx  # noqa: F401
         import onnxruntime  # noqa: F401
+        import onnxscript  # noqa: F401  (torch's dynamo exporter writes the graph with it)
     except ImportError:
         raise SetupError(ONNX_MISSING) from None
 
@@ -245,7 +253,7 @@ def write_json(path: Path, content: dict[str, Any]) -> None:
 
 
 def parse_options(tokens: Sequence[str]) -> ExportOptions:
-    """``key=value`` words; ``out`` defaults to a folder beside the checkpoint, named after it."""
+    """``key=value`` words; ``out`` defaults to a folder beside the checkpoint, named after it and the format."""
     if any(token in ("-h", "--help") for token in tokens):
         print(USAGE)
         raise SystemExit(0)
@@ -261,7 +269,7 @@ def parse_options(tokens: Sequence[str]) -> ExportOptions:
     if fmt not in FORMATS:
         raise SetupError(f"format={fmt or '(missing)'}: choose one of {', '.join(FORMATS)}. {USAGE}")
     ckpt = Path(values["ckpt"]).expanduser()
-    out = Path(values["out"]).expanduser() if values.get("out") else ckpt.parent / f"{ckpt.stem}-export"
+    out = Path(values["out"]).expanduser() if values.get("out") else ckpt.parent / f"{ckpt.stem}-{fmt}"
     return ExportOptions(ckpt=ckpt, format=fmt, out=out, opset=parse_opset(values.get("opset")))
 
 

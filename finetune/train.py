@@ -150,17 +150,51 @@ def build_callbacks(cfg: DictConfig, has_logger: bool = True) -> list[pl.Callbac
     return callbacks
 
 
+def _sweep_group() -> str | None:
+    """In a Hydra multirun, the sweep folder's name: wandb groups the sweep's jobs under it."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hydra_cfg = HydraConfig.get()
+        if hydra_cfg.mode == RunMode.MULTIRUN:
+            return Path(hydra_cfg.sweep.dir).name
+    except ValueError:  # not running under @hydra.main (tests, notebooks)
+        pass
+    return None
+
+
 def build_loggers(cfg: DictConfig) -> list[Any]:
+    """Loggers from the config; wandb goes offline without an API key (sync later with `wandb sync`)."""
     loggers = []
     for name, node in (cfg.get("logger") or {}).items():
         if name == "wandb":
             offline = node.get("offline")
             if offline is None:
                 offline = not os.environ.get("WANDB_API_KEY")
-            loggers.append(instantiate(node, offline=bool(offline)))
+            group = node.get("group") or _sweep_group()
+            Path(str(node.save_dir)).mkdir(parents=True, exist_ok=True)
+            loggers.append(instantiate(node, offline=bool(offline), group=group))
         else:
             loggers.append(instantiate(node))
+    for logger in loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     return loggers
+
+
+def log_results(loggers: list[Any], summary: dict[str, Any], out_dir: Path) -> None:
+    """Send the confusion matrix and the summary to experiment trackers that take them (wandb)."""
+    from pytorch_lightning.loggers import WandbLogger
+
+    for logger in loggers:
+        if isinstance(logger, WandbLogger):
+            plot = out_dir / "confusion_matrix.png"
+            if plot.is_file():
+                logger.log_image("test/confusion_matrix", [str(plot)])
+            logger.experiment.summary.update(
+                {k: v for k, v in summary.items() if isinstance(v, int | float | str | dict) and v is not None}
+            )
+            logger.experiment.save(str(out_dir / "summary.json"), base_path=str(out_dir), policy="now")
 
 
 def check_data(data_cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
@@ -243,6 +277,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     )
     if trainer.is_global_zero:
         write_run_files(summary, module.confusion_matrix, splits.classes, out_dir)
+        log_results(loggers, summary, out_dir)
     return summary
 
 

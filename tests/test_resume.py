@@ -132,7 +132,7 @@ def test_resume_from_other_backbone_is_refused(compose_cfg, image_folder: Path) 
               "data.num_workers=0", "trainer.max_epochs=1", "logger=none")
     first = train(compose_cfg(*common))
     cfg = compose_cfg(*common, "backbone=vgg11", f"resume={first['best_checkpoint']}")
-    with pytest.raises(SetupError, match="'backbone': 'resnet18'.*'backbone': 'vgg11'"):
+    with pytest.raises(SetupError, match=r"'backbone': 'resnet18'.*'backbone': 'vgg11'"):
         train(cfg)
 
 

@@ -1,0 +1,36 @@
+"""benchmarks/: every script runs alone in its --quick mode, prints its ratio lines and writes its JSON.
+
+The numbers of a quick run mean nothing (tiny sizes, a shared machine), so none is asserted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = ("cache_speedup.py", "framework_overhead.py", "roofline.py")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_quick_mode_prints_ratios(script: str, tmp_path: Path) -> None:
+    result_file = tmp_path / "result.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MPLBACKEND": "Agg", "WANDB_MODE": "offline"}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), "--quick", "--device", "cpu", "--json", str(result_file)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert proc.stdout.startswith("machine: "), proc.stdout[:500]
+    ratio_lines = re.findall(r"^ratio .+: \d+\.\d+", proc.stdout, re.MULTILINE)
+    assert ratio_lines, proc.stdout[-2000:]
+    result = json.loads(result_file.read_text())
+    assert result["machine"]["torch"] and result["ratios"]
+    assert all(isinstance(v, float) for v in result["ratios"].values())

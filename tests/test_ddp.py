@@ -1,0 +1,43 @@
+"""Lightning DDP with 2 CPU processes (gloo): same accuracy as one process, one summary, sharded cache."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import write_image_folder
+
+ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+
+
+def _run(root: Path, run_dir: Path, cache: Path, *extra: str) -> dict:
+    proc = subprocess.run(
+        [sys.executable, "-m", "finetune", "backbone=resnet18", "backbone.weights=none", "data=folder",
+         f"data.root={root}", "data.image_size=32", "data.num_workers=0", "trainer.max_epochs=4",
+         "trainer.accelerator=cpu", "callbacks.progress_bar=none", "optimizer.lr=1e-2", f"cache.dir={cache}",
+         f"hydra.run.dir={run_dir}", *extra],
+        env=ENV, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+@pytest.mark.parametrize("strategy", ["feature_extractor", "partial_unfreeze"])
+def test_ddp_two_cpu_processes_match_single_process(tmp_path: Path, strategy: str) -> None:
+    root = write_image_folder(tmp_path / "images", classes=4, per_class=16)
+    extra = (f"strategy={strategy}", "strategy.unfreeze_last=1", "data.augment=false")
+    single = _run(root, tmp_path / "single", tmp_path / "cache1", *extra, "data.batch_size=8")
+    ddp = _run(root, tmp_path / "ddp", tmp_path / "cache2", *extra, "data.batch_size=4", "trainer=ddp",
+               "trainer.devices=2", "trainer.accelerator=cpu")
+    assert abs(ddp["test"]["acc"] - single["test"]["acc"]) <= 0.15
+    assert ddp["test"]["acc"] > 0.5
+    assert ddp["epochs_run"] == single["epochs_run"] == 4
+    folder = Path(ddp["feature_cache"])
+    assert {p.name for p in folder.glob("train.*of2.features.npy")} == {"train.0of2.features.npy",
+                                                                       "train.1of2.features.npy"}
+    assert len(list((tmp_path / "ddp").rglob("summary.json"))) == 1
