@@ -162,8 +162,10 @@ class FeatureCacheDataModule(pl.LightningDataModule):
         dtype: str = "float32",
         train_views: int = 1,
         channels_last: bool = False,
+        balanced: bool = False,
     ) -> None:
         super().__init__()
+        self.balanced = balanced
         self.images = images
         self.prefix = prefix
         self.folder = Path(folder)
@@ -224,7 +226,12 @@ class FeatureCacheDataModule(pl.LightningDataModule):
         self.prepare(rank, world, strategy, self._device())
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        return DataLoader(self.datasets[split], batch_size=self.batch_size, shuffle=shuffle,
+        from finetune.data.datamodule import balanced_sampler
+        from finetune.data.datasets import dataset_labels
+
+        dataset = self.datasets[split]
+        sampler = balanced_sampler(dataset_labels(dataset)) if shuffle and self.balanced else None
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
                           num_workers=0, pin_memory=torch.cuda.is_available())
 
     def train_dataloader(self) -> DataLoader:

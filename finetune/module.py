@@ -13,7 +13,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 
 from finetune.backbones import build_backbone
 from finetune.errors import SetupError
-from finetune.strategies import freeze_stages, param_groups, trainable_stages
+from finetune.strategies import freeze_stages, param_groups, trainable_at, unfreeze_schedule
 
 
 def build_head(in_features: int, num_classes: int, kind: str = "linear", hidden_dim: int = 512,
@@ -48,6 +48,19 @@ def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def group_lr_lambda(start: int, warmup: int, total: int, min_ratio: float, cosine: bool):
+    """LR multiplier of a group that starts training at step ``start``."""
+
+    def multiplier(step: int) -> float:
+        if step < start:
+            return 0.0
+        if not cosine:
+            return min(1.0, (step - start + 1) / warmup) if warmup > 0 else 1.0
+        return warmup_cosine(step - start, warmup, max(1, total - start), min_ratio)
+
+    return multiplier
+
+
 class FinetuneModule(pl.LightningModule):
     """Backbone (frozen prefix + trainable suffix) and head; checkpoints describe themselves.
 
@@ -70,31 +83,87 @@ class FinetuneModule(pl.LightningModule):
         label_smoothing: float = 0.0,
         input_stage: int = 0,
         preprocessing: dict | None = None,
+        milestones: list[int] | None = None,
+        freeze_epochs: int | None = None,
+        class_weights: list[float] | None = None,
+        regularization: dict | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.backbone = build_backbone(backbone, weights)
-        self.trainable = trainable_stages(self.backbone.stage_names, strategy, unfreeze_last)
+        self.schedule = unfreeze_schedule(self.backbone.stage_names, strategy, unfreeze_last, milestones,
+                                          freeze_epochs)
+        self.trainable = trainable_at(self.schedule, 0)
         freeze_stages(self.backbone, self.trainable)
         head = dict(head or {})
         self.head = build_head(self.backbone.feature_dim, num_classes, head.get("type", "linear"),
                                int(head.get("hidden_dim", 512)), float(head.get("dropout", 0.0)))
         self.optimizer_cfg = dict(optimizer or {"name": "adamw", "lr": 1e-3, "weight_decay": 1e-4})
         self.scheduler_cfg = dict(scheduler or {"name": "cosine", "warmup_epochs": 0, "min_lr_ratio": 0.01})
-        self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        weight = torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
+        self.criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=label_smoothing)
+        self.regularization = dict(regularization or {})
         self.input_stage = input_stage
         self.val_metrics = classification_metrics(num_classes, "val/")
         self.test_metrics = classification_metrics(num_classes, "test/")
         self.test_confusion = MulticlassConfusionMatrix(num_classes)
         self.confusion_matrix: torch.Tensor | None = None
 
+    @property
+    def ever_trainable(self) -> list[str]:
+        """Stages that train at some epoch of the schedule (their optimizer groups exist from the start)."""
+        return [stage for _, stages in self.schedule for stage in stages]
+
+    @property
+    def cacheable_prefix(self) -> int:
+        """Leading stages frozen for the whole run: their outputs may be cached."""
+        names = self.backbone.stage_names
+        ever = set(self.ever_trainable)
+        return next((i for i, name in enumerate(names) if name in ever), len(names))
+
+    def apply_schedule(self, epoch: int) -> list[str]:
+        """Make exactly the stages of ``epoch`` trainable; returns the stages that just unfroze."""
+        wanted = trainable_at(self.schedule, epoch)
+        added = [s for s in wanted if s not in self.trainable]
+        if added or len(wanted) != len(self.trainable):
+            freeze_stages(self.backbone, wanted)
+            self.trainable = wanted
+        return added
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x, start=self.input_stage))
 
+    def _mixed(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mixup / CutMix (timm-style alphas) on the batch; returns the logits and the mixed loss."""
+        reg = self.regularization
+        mixup, cutmix = float(reg.get("mixup_alpha", 0.0)), float(reg.get("cutmix_alpha", 0.0))
+        use_cutmix = cutmix > 0 and x.ndim == 4 and (mixup <= 0 or torch.rand(()) < 0.5)
+        alpha = cutmix if use_cutmix else mixup
+        lam = float(torch.distributions.Beta(alpha, alpha).sample())
+        perm = torch.randperm(x.shape[0], device=x.device)
+        if use_cutmix:
+            h, w = x.shape[-2:]
+            cut_h, cut_w = int(h * (1 - lam) ** 0.5), int(w * (1 - lam) ** 0.5)
+            cy, cx = int(torch.randint(h, ())), int(torch.randint(w, ()))
+            y0, y1 = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, h)
+            x0, x1 = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, w)
+            x = x.clone()
+            x[..., y0:y1, x0:x1] = x[perm][..., y0:y1, x0:x1]
+            lam = 1 - (y1 - y0) * (x1 - x0) / (h * w)
+        else:
+            x = lam * x + (1 - lam) * x[perm]
+        logits = self(x)
+        return logits, lam * self.criterion(logits, y) + (1 - lam) * self.criterion(logits, y[perm])
+
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
-        logits = self(x)
-        loss = self.criterion(logits, y)
+        reg = self.regularization
+        mixing = float(reg.get("mixup_alpha", 0.0)) > 0 or float(reg.get("cutmix_alpha", 0.0)) > 0
+        if mixing and torch.rand(()) < float(reg.get("mix_prob", 1.0)):
+            logits, loss = self._mixed(x, y)
+        else:
+            logits = self(x)
+            loss = self.criterion(logits, y)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(y))
         self.log("train/acc", (logits.argmax(1) == y).float().mean(), on_step=False, on_epoch=True,
                  batch_size=len(y))
@@ -110,6 +179,8 @@ class FinetuneModule(pl.LightningModule):
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch
         logits = self(x)
+        if self.regularization.get("tta_hflip") and self.input_stage == 0 and x.ndim == 4:
+            logits = (logits.softmax(1) + self(x.flip(-1)).softmax(1)).log()  # average of probabilities
         self.log("test/loss", self.criterion(logits, y), on_epoch=True, batch_size=len(y), sync_dist=True)
         self.test_metrics.update(logits, y)
         self.test_confusion.update(logits, y)
@@ -121,8 +192,10 @@ class FinetuneModule(pl.LightningModule):
 
     def configure_optimizers(self) -> Any:
         cfg = self.optimizer_cfg
+        layer_decay = cfg.get("layer_decay")
         groups = param_groups(self.backbone, self.head, float(cfg["lr"]), float(cfg.get("weight_decay", 0.0)),
-                              float(self.hparams.backbone_lr_ratio), bool(cfg.get("no_decay_norm_bias", True)))
+                              float(self.hparams.backbone_lr_ratio), bool(cfg.get("no_decay_norm_bias", True)),
+                              float(layer_decay) if layer_decay is not None else None, stages=self.ever_trainable)
         if cfg["name"] == "adamw":
             optimizer = torch.optim.AdamW(groups)
         elif cfg["name"] == "sgd":
@@ -131,13 +204,17 @@ class FinetuneModule(pl.LightningModule):
         else:
             raise SetupError(f"Unknown optimizer '{cfg['name']}'. Choose adamw or sgd.")
         sched = self.scheduler_cfg
-        if sched.get("name", "none") == "none":
+        if sched.get("name", "none") == "none" and len(self.schedule) == 1:
             return optimizer
         total = int(self.trainer.estimated_stepping_batches)
         epochs = max(1, int(self.trainer.max_epochs or 1))
-        warmup = round(float(sched.get("warmup_epochs", 0)) * total / epochs)
+        per_epoch = max(1, total // epochs)
+        warmup = round(float(sched.get("warmup_epochs", 0)) * per_epoch)
         min_ratio = float(sched.get("min_lr_ratio", 0.0))
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: warmup_cosine(step, warmup, total, min_ratio)
-        )
+        starts = {stage: epoch * per_epoch for epoch, stages in self.schedule for stage in stages}
+        cosine = sched.get("name", "none") == "cosine"
+        # One multiplier per group: zero until its stage unfreezes, then its own warmup (+ cosine).
+        lambdas = [group_lr_lambda(starts.get(g["stage"], 0), warmup, total, min_ratio, cosine)
+                   for g in optimizer.param_groups]
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -7,12 +7,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from finetune.backbones import weights_source
+from finetune.data.datasets import class_counts
 from finetune.module import FinetuneModule
 from finetune.run_outputs import peak_memory, plot_confusion_matrix, write_json_atomic
 from finetune.strategies import count_params
+from finetune.unfreezing import unfreeze_events
 
 
 def device_name(root: torch.device) -> str:
@@ -26,6 +28,7 @@ def make_summary(
     feature_cache: str | None,
     epochs_run: int, global_steps: int, best_val_metric: float | None, best_checkpoint: str | None,
     test: dict[str, float], seconds: dict[str, float], device: str, monitor: str | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """summary.json's content (DESIGN.md): the machine-readable truth of one run."""
     source = weights_source(cfg.backbone.weights)
@@ -41,9 +44,13 @@ def make_summary(
         "feature_cache": feature_cache,
         "num_classes": splits.num_classes,
         "split_sizes": {"train": len(splits.train), "val": len(splits.val), "test": len(splits.test)},
+        "class_counts": {name: class_counts(getattr(splits, name), splits.num_classes)
+                         for name in ("train", "val", "test")},
         "image_size": module.hparams.preprocessing["crop_size"],
         "params_total": count_params(module),
         "params_trainable": count_params(module, trainable_only=True),
+        "unfreeze_events": unfreeze_events(module, epochs_run),
+        "recipe": recipe(cfg, augment),
         "epochs_run": epochs_run,
         "global_steps": global_steps,
         "monitor": monitor or cfg.monitor,
@@ -59,6 +66,24 @@ def make_summary(
         "seed": int(cfg.seed),
         "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "objective": best_val_metric,
+        **(extra or {}),
+    }
+
+
+def recipe(cfg: DictConfig, augment: bool) -> dict[str, Any]:
+    """The training recipe in effect, so a sweep's table can say what each job did."""
+    container = OmegaConf.to_container(cfg, resolve=True)
+    return {
+        "strategy": container["strategy"],
+        "optimizer": container["optimizer"],
+        "scheduler": container.get("scheduler"),
+        "loss": container.get("loss"),
+        "head": container.get("head"),
+        "regularization": container.get("regularization"),
+        "augment": augment,
+        "balanced_sampler": bool(cfg.data.get("balanced_sampler", False)),
+        "batch_size": int(cfg.data.batch_size),
+        "max_epochs": cfg.trainer.get("max_epochs"),
     }
 
 

@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from finetune.backbones import preprocessing_for
 from finetune.data.datamodule import ImageDataModule, Transformed, resolve_num_workers
-from finetune.data.datasets import Splits, load_splits
+from finetune.data.datasets import Splits, class_counts, load_splits
 from finetune.data.transforms import describe, eval_transform, train_transform
 from finetune.errors import SetupError
 from finetune.features import FeatureCacheDataModule, cache_key, frozen_prefix, weights_identity
@@ -35,6 +35,7 @@ from finetune.resume import (
     resolve_resume,
 )
 from finetune.summary import device_name, make_summary, write_run_files
+from finetune.unfreezing import StageUnfreezer
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,25 @@ def build_module(cfg: DictConfig, splits: Splits) -> FinetuneModule:
         label_smoothing=float(cfg.loss.label_smoothing),
         preprocessing={"resize_size": prep.resize_size, "crop_size": prep.crop_size,
                        "mean": list(prep.mean), "std": list(prep.std)},
+        milestones=list(cfg.strategy.get("milestones") or []) or None,
+        freeze_epochs=cfg.strategy.get("freeze_epochs"),
+        class_weights=resolve_class_weights(cfg.loss.get("class_weights"), splits),
+        regularization=OmegaConf.to_container(cfg.get("regularization") or {}, resolve=True),
     )
+
+
+def resolve_class_weights(value: Any, splits: Splits) -> list[float] | None:
+    """``auto``: inverse class frequency of the train split (n / (classes x count)), as sklearn's 'balanced'."""
+    if value in (None, "none", False):
+        return None
+    if value != "auto":
+        weights = [float(w) for w in value]
+        if len(weights) != splits.num_classes:
+            raise SetupError(f"loss.class_weights has {len(weights)} values for {splits.num_classes} classes.")
+        return weights
+    counts = class_counts(splits.train, splits.num_classes)
+    total = sum(counts)
+    return [total / (len(counts) * c) if c else 0.0 for c in counts]
 
 
 def resolve_augment(data_cfg: DictConfig, strategy: str) -> bool:
@@ -96,13 +115,14 @@ def build_datamodule(
     eval_tf = eval_transform(prep)
     images = {"train": Transformed(splits.train, train_tf), "val": Transformed(splits.val, eval_tf),
               "test": Transformed(splits.test, eval_tf)}
-    prefix_len = module.backbone.num_frozen_prefix
+    prefix_len = module.cacheable_prefix
     cached, note = decide_cache(cfg, prefix_len, augment)
     if note:
         log.info(note)
     if not cached:
         return ImageDataModule(images["train"], images["val"], images["test"], batch_size=cfg.data.batch_size,
-                               num_workers=cfg.data.get("num_workers", "auto"))
+                               num_workers=cfg.data.get("num_workers", "auto"),
+                               balanced=bool(cfg.data.get("balanced_sampler", False)))
     views = max(1, int(cfg.cache.get("views", 0))) if augment else 1
     meta = {
         "backbone": cfg.backbone.name,
@@ -120,7 +140,7 @@ def build_datamodule(
     return FeatureCacheDataModule(
         images, frozen_prefix(module.backbone, prefix_len), folder, meta, batch_size=int(cfg.data.batch_size),
         num_workers=resolve_num_workers(cfg.data.get("num_workers", "auto")), dtype=meta["dtype"],
-        train_views=views, channels_last=use_channels_last(cfg),
+        train_views=views, channels_last=use_channels_last(cfg), balanced=bool(cfg.data.get("balanced_sampler", False)),
     )
 
 
@@ -135,10 +155,17 @@ def build_callbacks(cfg: DictConfig, has_logger: bool = True) -> list[pl.Callbac
     cb = cfg.callbacks
     callbacks: list[pl.Callback] = [
         instantiate(cb.checkpoint),
+        instantiate(cb.last_checkpoint),
         RNGState(),
         InterruptCheckpoint(Path(cfg.paths.output_dir) / "checkpoints"),
         FiniteLoss(),
+        StageUnfreezer(),
     ]
+    ema = (cfg.get("regularization") or {}).get("ema_decay")
+    if ema:
+        from pytorch_lightning.callbacks import EMAWeightAveraging
+
+        callbacks.append(EMAWeightAveraging(decay=float(ema)))
     if cb.early_stopping.enabled:
         callbacks.append(EarlyStopping(monitor=cfg.monitor, mode="max", patience=int(cb.early_stopping.patience)))
     if cb.lr_monitor and has_logger:
@@ -197,6 +224,32 @@ def log_results(loggers: list[Any], summary: dict[str, Any], out_dir: Path) -> N
             logger.experiment.save(str(out_dir / "summary.json"), base_path=str(out_dir), policy="now")
 
 
+def find_lr(trainer: pl.Trainer, module: FinetuneModule, datamodule: Any, out_dir: Path) -> dict[str, Any]:
+    """Lightning's LR range test before fit: saves its plot, sets the head LR to the suggestion.
+
+    Backbone groups follow through backbone_lr_ratio / layer_decay, since they are ratios of it.
+    """
+    from pytorch_lightning.tuner import Tuner
+
+    finder = Tuner(trainer).lr_find(module, datamodule=datamodule, update_attr=False)
+    suggested = finder.suggestion() if finder is not None else None
+    plot = out_dir / "lr_find.png"
+    if finder is not None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        fig = finder.plot(suggest=suggested is not None)
+        fig.savefig(plot, dpi=100)
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+    original = float(module.optimizer_cfg["lr"])
+    if suggested is not None:
+        module.optimizer_cfg["lr"] = float(suggested)
+        log.info("lr_find: suggested lr %.3g (configured %.3g)", suggested, original)
+    return {"suggested_lr": suggested, "configured_lr": original, "plot": str(plot) if plot.exists() else None}
+
+
 def check_data(data_cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     """Scan a folder dataset before training; returns the loader's ``skip`` set (bad files).
 
@@ -253,6 +306,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         cfg.trainer, callbacks=build_callbacks(cfg, has_logger=bool(loggers)), logger=loggers or False,
         default_root_dir=str(out_dir), plugins=[AtomicCheckpointIO()],
     )
+    extra: dict[str, Any] = {}
+    if (cfg.get("tune") or {}).get("lr_find") and resume_from is None:
+        extra["lr_find"] = find_lr(trainer, module, datamodule, out_dir)
     fit_started = time.perf_counter()
     trainer.fit(fit_module, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None)
     feature_seconds = getattr(datamodule, "extract_seconds", 0.0)
@@ -273,7 +329,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         best_val_metric=float(best_score) if best_score is not None else None, best_checkpoint=best_path,
         test=test, seconds={"feature_extraction": feature_seconds, "training": train_seconds, "test": test_seconds,
                             "total": time.perf_counter() - started},
-        device=device_name(trainer.strategy.root_device),
+        device=device_name(trainer.strategy.root_device), extra=extra,
     )
     if trainer.is_global_zero:
         write_run_files(summary, module.confusion_matrix, splits.classes, out_dir)

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
 
 def resolve_num_workers(value: Any) -> int:
@@ -17,6 +17,15 @@ def resolve_num_workers(value: Any) -> int:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         return max(0, min(8, cores - 1))
     return int(value)
+
+
+def balanced_sampler(labels: list[int]) -> WeightedRandomSampler:
+    """Draws every class equally often (weights = 1 / class count), with replacement."""
+    counts: dict[int, int] = {}
+    for y in labels:
+        counts[y] = counts.get(y, 0) + 1
+    weights = torch.tensor([1.0 / counts[y] for y in labels], dtype=torch.double)
+    return WeightedRandomSampler(weights, num_samples=len(labels), replacement=True)
 
 
 class Transformed(Dataset):
@@ -45,22 +54,29 @@ class ImageDataModule(pl.LightningDataModule):
         batch_size: int,
         num_workers: Any = "auto",
         pin_memory: bool | None = None,
+        balanced: bool = False,
     ) -> None:
         super().__init__()
         self.train_set, self.val_set, self.test_set = train, val, test
+        self.balanced = balanced
         self.batch_size = int(batch_size)
         self.num_workers = resolve_num_workers(num_workers)
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
 
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
+        from finetune.data.datasets import dataset_labels
+
+        sampler = balanced_sampler(dataset_labels(dataset)) if shuffle and self.balanced else None
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            shuffle=shuffle and sampler is None,
+            sampler=sampler,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
-            drop_last=False,
+            # a last train batch of one image breaks BatchNorm in train mode (and is noise anyway)
+            drop_last=shuffle and len(dataset) > self.batch_size,
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -93,6 +93,26 @@ class TorchvisionDataset(Dataset):
         return image.convert("RGB"), int(label)
 
 
+def dataset_labels(dataset: Dataset) -> list[int]:
+    """Labels of a split without decoding its images."""
+    if hasattr(dataset, "labels"):
+        return [int(y) for y in dataset.labels]
+    if isinstance(dataset, TorchvisionDataset):
+        targets = getattr(dataset.base, "targets", None) or getattr(dataset.base, "_labels", None)
+        if targets is not None:
+            return [int(targets[i]) for i in dataset.indices]
+    if hasattr(dataset, "base"):
+        return dataset_labels(dataset.base)
+    return [int(dataset[i][1]) for i in range(len(dataset))]
+
+
+def class_counts(dataset: Dataset, num_classes: int) -> list[int]:
+    counts = [0] * num_classes
+    for y in dataset_labels(dataset):
+        counts[y] += 1
+    return counts
+
+
 def stratified_split(
     labels: Sequence[int], fractions: Sequence[float], seed: int
 ) -> list[list[int]]:
