@@ -229,17 +229,17 @@ def point_label(row: dict[str, Any]) -> str:
 
 def _write_plot(rows: Sequence[dict[str, Any]], path: Path) -> None:
     """Test accuracy against training wall time, one labelled point per run."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     points = [
         (seconds, row["test_acc"], point_label(row))
         for row in rows
         if (seconds := training_seconds(row)) is not None and isinstance(row.get("test_acc"), int | float)
     ]
-    fig, ax = plt.subplots(figsize=(8, 5.5))
+    fig = Figure(figsize=(8, 5.5))
+    FigureCanvasAgg(fig)  # no pyplot: a notebook's plotting backend is left alone
+    ax = fig.add_subplot()
     if points:
         for backbone in dict.fromkeys(label.split("/")[0] for _, _, label in points):
             mine = [(x, y) for x, y, label in points if label.split("/")[0] == backbone]
@@ -260,7 +260,6 @@ def _write_plot(rows: Sequence[dict[str, Any]], path: Path) -> None:
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def write_comparison(rows: Sequence[dict[str, Any]], out_dir: str | Path) -> dict[str, Path]:

@@ -163,8 +163,10 @@ class FeatureCacheDataModule(pl.LightningDataModule):
         train_views: int = 1,
         channels_last: bool = False,
         balanced: bool = False,
+        extract_batch_size: int | None = None,
     ) -> None:
         super().__init__()
+        self.extract_batch_size = int(extract_batch_size or batch_size)
         self.balanced = balanced
         self.images = images
         self.prefix = prefix
@@ -215,7 +217,7 @@ class FeatureCacheDataModule(pl.LightningDataModule):
                 dataset = self.images[split]
                 views = self.train_views if split == "train" else 1
                 self.extracted_images += extract_features(
-                    self.prefix, dataset, files, range(rank, len(dataset), world), self.batch_size, device,
+                    self.prefix, dataset, files, range(rank, len(dataset), world), self.extract_batch_size, device,
                     self.dtype, views=views, num_workers=self.num_workers, channels_last=self.channels_last,
                 ) * views
 
@@ -231,8 +233,10 @@ class FeatureCacheDataModule(pl.LightningDataModule):
 
         dataset = self.datasets[split]
         sampler = balanced_sampler(dataset_labels(dataset)) if shuffle and self.balanced else None
+        # same batches as the image path: drop a short last train batch there and here
         return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
-                          num_workers=0, pin_memory=torch.cuda.is_available())
+                          num_workers=0, pin_memory=torch.cuda.is_available(),
+                          drop_last=shuffle and len(dataset) > self.batch_size)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

@@ -51,7 +51,8 @@ from finetune.strategies import (
     count_params,
     freeze_stages,
     param_groups,
-    trainable_stages,
+    trainable_at,
+    unfreeze_schedule,
 )
 
 NUM_CLASSES = 10
@@ -80,12 +81,16 @@ MEMORY_NOTES = {
 # ---------------------------------------------------------------------------------------------
 
 
+# What the report measures by default: the three fixed strategies of the study.
+FIXED_STRATEGIES = ("feature_extractor", "partial_unfreeze", "full_finetune")
+
+
 @dataclass(frozen=True)
 class ReportSettings:
     """Everything one report run needs; the defaults are what ``python -m finetune.report`` uses."""
 
     backbone: tuple[str, ...] = ("vgg16", "resnet50")
-    strategy: tuple[str, ...] = STRATEGY_NAMES
+    strategy: tuple[str, ...] = FIXED_STRATEGIES
     batch_size: int = 16
     image_size: int = 224
     steps: int = 5
@@ -200,9 +205,17 @@ def _conf(group: str, name: str) -> dict[str, Any]:
 
 
 def strategy_settings(strategy: str) -> dict[str, Any]:
-    """unfreeze_last and backbone_lr_ratio of a strategy as conf/strategy/ sets them."""
+    """unfreeze_last, milestones, freeze_epochs and backbone_lr_ratio as conf/strategy/ sets them."""
     cfg = _conf("strategy", strategy)
-    return {"unfreeze_last": cfg.get("unfreeze_last"), "backbone_lr_ratio": float(cfg["backbone_lr_ratio"])}
+    return {"unfreeze_last": cfg.get("unfreeze_last"), "backbone_lr_ratio": float(cfg["backbone_lr_ratio"]),
+            "milestones": list(cfg.get("milestones") or []) or None, "freeze_epochs": cfg.get("freeze_epochs")}
+
+
+def final_trainable(stage_names: list[str], strategy: str, settings: dict[str, Any]) -> list[str]:
+    """Stages that train once every scheduled unfreezing has happened (the most a strategy costs)."""
+    schedule = unfreeze_schedule(stage_names, strategy, settings["unfreeze_last"], settings["milestones"],
+                                 settings["freeze_epochs"])
+    return trainable_at(schedule, schedule[-1][0])
 
 
 def make_optimizer(backbone: Backbone, head: nn.Module, backbone_lr_ratio: float) -> torch.optim.Optimizer:
@@ -379,7 +392,7 @@ def _measure_strategy(
     settings = strategy_settings(strategy)
     with PeakMemory(device) as memory:
         backbone = copy.deepcopy(template)
-        trainable = trainable_stages(backbone.stage_names, strategy, settings["unfreeze_last"])
+        trainable = final_trainable(backbone.stage_names, strategy, settings)
         freeze_stages(backbone, trainable)
         head = nn.Linear(backbone.feature_dim, NUM_CLASSES).to(device)
         optimizer = make_optimizer(backbone, head, settings["backbone_lr_ratio"])

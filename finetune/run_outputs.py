@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
@@ -32,26 +33,46 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
     return path
 
 
+def reset_peak_memory() -> None:
+    """Start a new peak: runs in one process (a notebook sweep) then each report their own."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    with contextlib.suppress(OSError):  # Linux: writing 5 resets VmHWM, the peak resident set size
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def _vm_hwm_bytes() -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def peak_memory() -> dict[str, int | None]:
-    """Peak resident memory of this process and, on GPU, peak CUDA allocation."""
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    rss_bytes = int(rss if sys.platform == "darwin" else rss * 1024)
+    """Peak resident memory of this process since the last reset and, on GPU, peak CUDA allocation."""
+    rss = _vm_hwm_bytes()
+    if rss is None:
+        maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        rss = int(maxrss if sys.platform == "darwin" else maxrss * 1024)
     cuda = int(torch.cuda.max_memory_allocated()) if torch.cuda.is_available() else None
-    return {"cpu_rss_bytes": rss_bytes, "cuda_max_allocated_bytes": cuda}
+    return {"cpu_rss_bytes": rss, "cuda_max_allocated_bytes": cuda}
 
 
 def plot_confusion_matrix(matrix: torch.Tensor, class_names: Sequence[str], path: str | os.PathLike) -> Path:
     """Row-normalised confusion matrix as a PNG (labels hidden when there are many classes)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     m = matrix.float()
     norm = m / m.sum(dim=1, keepdim=True).clamp_min(1)
     n = len(class_names)
     size = min(16.0, max(4.0, 0.35 * n + 2))
-    fig, ax = plt.subplots(figsize=(size, size))
+    fig = Figure(figsize=(size, size))
+    FigureCanvasAgg(fig)  # draws without pyplot, so a notebook's backend is left alone
+    ax = fig.add_subplot()
     im = ax.imshow(norm.numpy(), cmap="Blues", vmin=0, vmax=1)
     if n <= 30:
         ax.set_xticks(range(n), class_names, rotation=90, fontsize=8)
@@ -63,5 +84,4 @@ def plot_confusion_matrix(matrix: torch.Tensor, class_names: Sequence[str], path
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path

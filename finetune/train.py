@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +35,14 @@ from finetune.resume import (
     check_resume_matches,
     resolve_resume,
 )
+from finetune.run_outputs import reset_peak_memory
 from finetune.summary import device_name, make_summary, write_run_files
 from finetune.unfreezing import StageUnfreezer
 
 log = logging.getLogger(__name__)
+
+# Frozen stages are in eval mode on purpose (their BatchNorm statistics must not move).
+warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
 
 
 def build_module(cfg: DictConfig, splits: Splits) -> FinetuneModule:
@@ -141,6 +146,7 @@ def build_datamodule(
         images, frozen_prefix(module.backbone, prefix_len), folder, meta, batch_size=int(cfg.data.batch_size),
         num_workers=resolve_num_workers(cfg.data.get("num_workers", "auto")), dtype=meta["dtype"],
         train_views=views, channels_last=use_channels_last(cfg), balanced=bool(cfg.data.get("balanced_sampler", False)),
+        extract_batch_size=cfg.cache.get("batch_size"),
     )
 
 
@@ -235,13 +241,10 @@ def find_lr(trainer: pl.Trainer, module: FinetuneModule, datamodule: Any, out_di
     suggested = finder.suggestion() if finder is not None else None
     plot = out_dir / "lr_find.png"
     if finder is not None:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        fig = finder.plot(suggest=suggested is not None)
-        fig.savefig(plot, dpi=100)
         import matplotlib.pyplot as plt
 
+        fig = finder.plot(suggest=suggested is not None)
+        fig.savefig(plot, dpi=100)
         plt.close(fig)
     original = float(module.optimizer_cfg["lr"])
     if suggested is not None:
@@ -275,6 +278,7 @@ def check_data(data_cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit, test with the best checkpoint, write summary.json; returns the summary."""
     started = time.perf_counter()
+    reset_peak_memory()
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     finished = out_dir / "summary.json"
@@ -302,9 +306,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         check_resume_matches(resume_from, cfg, splits.num_classes)
         log.info("resuming from %s", resume_from)
     loggers = build_loggers(cfg)
+    trainer_kwargs: dict[str, Any] = {}
+    if cfg.callbacks.progress_bar == "none":
+        trainer_kwargs["enable_progress_bar"] = False
     trainer: pl.Trainer = instantiate(
         cfg.trainer, callbacks=build_callbacks(cfg, has_logger=bool(loggers)), logger=loggers or False,
-        default_root_dir=str(out_dir), plugins=[AtomicCheckpointIO()],
+        default_root_dir=str(out_dir), plugins=[AtomicCheckpointIO()], **trainer_kwargs,
     )
     extra: dict[str, Any] = {}
     if (cfg.get("tune") or {}).get("lr_find") and resume_from is None:

@@ -81,7 +81,7 @@ def test_group_lr_is_zero_until_milestone_then_warms_up() -> None:
     module._trainer = types.SimpleNamespace(estimated_stepping_batches=30, max_epochs=3)
     config = module.configure_optimizers()
     optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
-    layer4 = [g for g in optimizer.param_groups if g["name"] == "backbone.layer4"][0]
+    layer4 = next(g for g in optimizer.param_groups if g["name"] == "backbone.layer4")
     seen = []
     for _ in range(12):
         seen.append(layer4["lr"])

@@ -25,7 +25,7 @@ from finetune.report import (
     parse_overrides,
     write_report,
 )
-from finetune.strategies import STRATEGY_NAMES
+from finetune.report import FIXED_STRATEGIES as STRATEGY_NAMES
 
 BACKBONES = ("resnet18", "vgg11")
 TINY = {"batch_size": 2, "image_size": 32, "steps": 1, "device": "cpu"}
