@@ -21,7 +21,7 @@ from rich.text import Text
 
 from finetune.data.checks import ON_BAD_IMAGE, CheckReport, apply_policy, check_image_tree
 from finetune.data.images import MAX_PIXELS
-from finetune.errors import SetupError
+from finetune.errors import SetupError, report_error
 
 USAGE = (
     "usage: python -m finetune.check data=folder data.root=PATH [data.on_bad_image=skip|error] "
@@ -48,8 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return check(parse_options(sys.argv[1:] if argv is None else argv))
     except SetupError as error:
-        Console(stderr=True, soft_wrap=True).print(Text(str(error), style="bold red"))
-        return SetupError.exit_code
+        return report_error(error)
 
 
 def check(options: CheckOptions) -> int:

@@ -11,3 +11,12 @@ class SetupError(Exception):
     """
 
     exit_code = 2
+
+
+def report_error(err: SetupError) -> int:
+    """Print the message as one paragraph on stderr (no traceback); return the exit code."""
+    from rich.console import Console
+    from rich.text import Text
+
+    Console(stderr=True, soft_wrap=True).print(Text(f"error: {err}", style="bold red"))
+    return err.exit_code

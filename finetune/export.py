@@ -24,7 +24,7 @@ from rich.text import Text
 from torch import nn
 
 from finetune.checkpoints import class_names_of, load_module, preprocessing_of
-from finetune.errors import SetupError
+from finetune.errors import SetupError, report_error
 from finetune.module import FinetuneModule
 
 USAGE = "usage: python -m finetune.export ckpt=PATH format=onnx|torchscript [out=DIR] [opset=N]"
@@ -71,8 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         result = export(parse_options(sys.argv[1:] if argv is None else argv))
     except SetupError as error:
-        Console(stderr=True, soft_wrap=True).print(Text(str(error), style="bold red"))
-        return SetupError.exit_code
+        return report_error(error)
     console.print(Text(f"wrote {result.model} and {result.preprocessing}"))
     verdict = f"max abs diff to the checkpoint's logits {result.max_abs_diff:.3g} (tolerance {result.tolerance:.3g})"
     if not result.matches:

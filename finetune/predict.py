@@ -25,7 +25,7 @@ from finetune.checkpoints import class_names_of, load_module, preprocessing_of
 from finetune.data.datamodule import resolve_num_workers
 from finetune.data.images import IMAGE_EXTENSIONS, BadImageError, is_image_file, open_rgb
 from finetune.data.transforms import eval_transform
-from finetune.errors import SetupError
+from finetune.errors import SetupError, report_error
 from finetune.module import FinetuneModule
 
 USAGE = (
@@ -55,8 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return run(parse_options(sys.argv[1:] if argv is None else argv))
     except SetupError as error:
-        Console(stderr=True, soft_wrap=True).print(Text(str(error), style="bold red"))
-        return SetupError.exit_code
+        return report_error(error)
 
 
 def run(options: PredictOptions) -> int:
