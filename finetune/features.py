@@ -24,7 +24,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch import nn
-from torch.utils.data import ConcatDataset, DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from finetune.backbones import Backbone, imagenet_weights, weights_source
 
@@ -140,8 +140,49 @@ class FeatureDataset(Dataset):
         return len(self.labels)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        row = self.features[int(torch.randint(self.views, ()).item()), i] if self.views > 1 else self.features[i]
-        return torch.from_numpy(np.array(row, dtype=np.float32)), int(self.labels[i])
+        x, y = self.__getitems__([i])
+        return x[0], int(y[0])
+
+    def __getitems__(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """A whole batch in one read: the DataLoader's per-sample path costs more than a head step."""
+        idx = np.asarray(indices, dtype=np.int64)
+        if self.views > 1:
+            rows = self.features[np.random.randint(self.views, size=len(idx)), idx]
+        else:
+            rows = self.features[idx]
+        return torch.from_numpy(np.asarray(rows, dtype=np.float32)), torch.from_numpy(self.labels[idx])
+
+
+class ShardedFeatures(Dataset):
+    """Every rank's shard as one dataset (DDP), with the same batched reads."""
+
+    def __init__(self, shards: Sequence[FeatureDataset]) -> None:
+        self.shards = list(shards)
+        self.offsets = np.cumsum([0] + [len(s) for s in self.shards])
+        self.labels = np.concatenate([s.labels for s in self.shards])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        x, y = self.__getitems__([i])
+        return x[0], int(y[0])
+
+    def __getitems__(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = np.asarray(indices, dtype=np.int64)
+        shard = np.searchsorted(self.offsets, idx, side="right") - 1
+        xs, order = [], []
+        for s in np.unique(shard):
+            where = np.nonzero(shard == s)[0]
+            xs.append(self.shards[s].__getitems__(idx[where] - self.offsets[s])[0])
+            order.append(where)
+        x = torch.cat(xs)[torch.from_numpy(np.argsort(np.concatenate(order)))]
+        return x, torch.from_numpy(self.labels[idx])
+
+
+def keep_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """collate_fn for datasets that return whole batches from ``__getitems__``."""
+    return batch
 
 
 class FeatureCacheDataModule(pl.LightningDataModule):
@@ -207,7 +248,7 @@ class FeatureCacheDataModule(pl.LightningDataModule):
             strategy.barrier("feature_cache")
         for split in SPLITS:
             shards = [FeatureDataset(shard_files(self.folder, split, r, world)) for r in range(world)]
-            self.datasets[split] = shards[0] if world == 1 else ConcatDataset(shards)
+            self.datasets[split] = shards[0] if world == 1 else ShardedFeatures(shards)
         self.prefix.to("cpu")
 
     def _extract_missing(self, rank: int, world: int, device: torch.device) -> None:
@@ -235,7 +276,7 @@ class FeatureCacheDataModule(pl.LightningDataModule):
         sampler = balanced_sampler(dataset_labels(dataset)) if shuffle and self.balanced else None
         # same batches as the image path: drop a short last train batch there and here
         return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
-                          num_workers=0, pin_memory=torch.cuda.is_available(),
+                          num_workers=0, pin_memory=torch.cuda.is_available(), collate_fn=keep_batch,
                           drop_last=shuffle and len(dataset) > self.batch_size)
 
     def train_dataloader(self) -> DataLoader:

@@ -82,22 +82,40 @@ class InterruptCheckpoint(pl.Callback):
 
 
 class FiniteLoss(pl.Callback):
-    """Stop at the first NaN/Inf training loss, naming the step and the usual fixes."""
+    """Stop at the first NaN/Inf training loss, naming the step and the usual fixes.
+
+    The check stays on the device and is read every ``every`` steps (and at epoch end), so a
+    GPU is not made to wait for the host after each step; the first bad step is still exact.
+    """
+
+    def __init__(self, every: int = 10) -> None:
+        self.every = every
+        self._first_bad: torch.Tensor | None = None
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         if loss is None:
             return
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            raise TrainingDiverged(
-                f"The training loss became {value} at global step {trainer.global_step} (epoch "
-                f"{trainer.current_epoch}, batch {batch_idx}). The last good checkpoint is kept in "
-                f"{Path(trainer.default_root_dir) / 'checkpoints'}. Likely fixes: lower optimizer.lr (e.g. "
-                f"10x), use trainer.precision=32-true or bf16-mixed instead of 16-mixed, set "
-                f"trainer.gradient_clip_val=1.0, or check the data for broken values."
-            )
+        step = trainer.global_step - 1  # the optimizer step that produced this loss
+        bad = torch.where(torch.isfinite(loss.detach()), torch.full_like(loss.detach(), math.inf),
+                          torch.full_like(loss.detach(), float(step)))
+        self._first_bad = bad if self._first_bad is None else torch.minimum(self._first_bad, bad)
+        if (batch_idx + 1) % self.every == 0:
+            self._raise_if_bad(trainer)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._raise_if_bad(trainer)
+
+    def _raise_if_bad(self, trainer: pl.Trainer) -> None:
+        if self._first_bad is None or math.isinf(first := float(self._first_bad)):
+            return
+        raise TrainingDiverged(
+            f"The training loss became NaN/Inf at global step {int(first)} (epoch {trainer.current_epoch}). The "
+            f"last good checkpoint is kept in {Path(trainer.default_root_dir) / 'checkpoints'}. Likely fixes: "
+            f"lower optimizer.lr (e.g. 10x), use trainer.precision=32-true or bf16-mixed instead of 16-mixed, "
+            f"set trainer.gradient_clip_val=1.0, or check the data for broken values."
+        )
 
 
 class TrainingDiverged(SetupError):
