@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The GPU runs of BENCHMARKS.md in one go, most important first, each under its own time limit, so a
+# short device lease still brings back whole results. Logs and JSON go to $OUT (default gpu-results/).
+#   bash benchmarks/run_gpu.sh            # from the repo root, with hydra-core + omegaconf installed
+#   DATA=/path/cifar10-subset.npz bash benchmarks/run_gpu.sh   # where ../shared/data is not beside the repo
+# Needs torch, torchvision, pytorch-lightning, torchmetrics, hydra-core, omegaconf, scikit-learn, pillow.
+# Without the CIFAR-10 subset, cache_speedup and framework_overhead fall back to scikit-learn's digits.
+# Budget: about 7 minutes in all on an H100/H200 (the limits below add up to 10.5); the last two are optional.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-gpu-results}"
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 MPLBACKEND=Agg WANDB_MODE=offline
+PY="${PYTHON:-python}"
+DATA_ARGS=()
+if [ -n "${DATA:-}" ]; then DATA_ARGS=(--data "$DATA"); fi
+
+"$PY" - <<'EOF' || { echo "missing packages: pip install the carried wheels first" >&2; exit 2; }
+import hydra, omegaconf, pytorch_lightning, sklearn, torch, torchmetrics, torchvision  # noqa: F401
+assert torch.cuda.is_available(), "no CUDA GPU visible"
+print("ok:", torch.__version__, torch.cuda.get_device_name())
+EOF
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,power.limit --format=csv > "$OUT/nvidia-smi.csv" 2>&1
+
+run() {  # run NAME LIMIT_S ARGS...: one benchmark, its log and JSON in $OUT, never more than LIMIT_S
+  local name=$1 limit=$2; shift 2
+  echo "== $name (limit ${limit}s)"
+  timeout "$limit" "$PY" "$@" --device cuda --json "$OUT/$name.json" 2>&1 | tee "$OUT/$name.log"
+  echo "== $name exit ${PIPESTATUS[0]}"
+}
+
+run roofline 120 benchmarks/roofline.py --backbones resnet50,vgg16 --batch-size 128
+run overhead_resnet18_64 90 benchmarks/framework_overhead.py --image-size 64 --batch-size 32 --steps 100 \
+  --warmup 10 --repeats 3 ${DATA_ARGS[@]+"${DATA_ARGS[@]}"}
+run cache_speedup_64 180 benchmarks/cache_speedup.py ${DATA_ARGS[@]+"${DATA_ARGS[@]}"}
+run overhead_resnet50_224_bf16 90 benchmarks/framework_overhead.py --backbone resnet50 --image-size 224 \
+  --batch-size 64 --precision bf16-mixed --steps 50 --warmup 10 --repeats 3 ${DATA_ARGS[@]+"${DATA_ARGS[@]}"}
+run cache_speedup_224 150 benchmarks/cache_speedup.py --image-size 224 ${DATA_ARGS[@]+"${DATA_ARGS[@]}"}
