@@ -151,7 +151,8 @@ def build_datamodule(
     return FeatureCacheDataModule(
         images, frozen_prefix(module.backbone, prefix_len), folder, meta, batch_size=int(cfg.data.batch_size),
         num_workers=resolve_num_workers(cfg.data.get("num_workers", "auto")), dtype=meta["dtype"],
-        train_views=views, channels_last=use_channels_last(cfg, inference=True), balanced=bool(cfg.data.get("balanced_sampler", False)),
+        train_views=views, channels_last=use_channels_last(cfg, inference=True),
+        balanced=bool(cfg.data.get("balanced_sampler", False)),
         extract_batch_size=cfg.cache.get("batch_size"),
     )
 
