@@ -332,7 +332,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     best_score = getattr(checkpoint, "best_model_score", None)
 
     test_started = time.perf_counter()
-    results = trainer.test(fit_module, datamodule=datamodule, ckpt_path=best_path, verbose=False)
+    ckpt_path = best_path
+    if best_path and (cfg.get("regularization") or {}).get("ema_decay"):
+        # Lightning's weight averaging would restore the raw weights from the checkpoint's
+        # `current_model_state`; the averaged ones (its `state_dict`) are what val picked.
+        state = torch.load(best_path, map_location="cpu", weights_only=True)["state_dict"]
+        module.load_state_dict(state)
+        ckpt_path = None
+    results = trainer.test(fit_module, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False)
     test_seconds = time.perf_counter() - test_started
     test = {k.removeprefix("test/"): float(v) for k, v in (results[0] if results else {}).items()}
 

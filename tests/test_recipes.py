@@ -192,3 +192,14 @@ def test_gradual_unfreeze_under_two_process_ddp(tmp_path: Path) -> None:
     summary = json.loads((run_dir / "summary.json").read_text())
     assert [e["stages"] for e in summary["unfreeze_events"]] == [["layer4"]]
     assert summary["epochs_run"] == 2
+
+
+def test_ema_weights_are_what_test_scores(compose_cfg) -> None:
+    """The best checkpoint's averaged weights (what val picked) are tested, not the raw ones."""
+    common = ("backbone.weights=none", "data.image_size=32", "trainer.max_epochs=2", "logger=none",
+              "strategy=partial_unfreeze", "strategy.unfreeze_last=1", "cache.enabled=false")
+    raw = train(compose_cfg(*common))
+    ema = train(compose_cfg(*common, "regularization.ema_decay=0.5"))
+    assert ema["test"]["loss"] != pytest.approx(raw["test"]["loss"], abs=1e-6)
+    state = torch.load(ema["best_checkpoint"], map_location="cpu", weights_only=True)
+    assert "current_model_state" in state  # raw weights stored beside the averaged ones
