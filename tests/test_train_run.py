@@ -104,3 +104,40 @@ def test_bad_files_with_error_policy_stop_before_training(compose_cfg, image_fol
         train(cfg)
     assert "notes.jpg" in (Path(cfg.paths.output_dir) / "bad_files.txt").read_text()
     assert not (Path(cfg.paths.output_dir) / "checkpoints").exists()
+
+
+def test_help_lists_groups_and_choices(tmp_path: Path) -> None:
+    proc = _run_cli(["--help"], cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0
+    for line in ("backbone:", "strategy:", "data:", "vgg19_bn", "partial_unfreeze", "flowers102"):
+        assert line in proc.stdout
+
+
+def test_offline_dataset_download_is_a_short_error(compose_cfg, tmp_path: Path, monkeypatch) -> None:
+    """No network and no files: exit-2 style SetupError naming the files and the folder, before training."""
+    import torchvision.datasets.utils as tv_utils
+
+    from finetune.data.datasets import load_splits
+    from finetune.errors import SetupError
+
+    def offline(*args, **kwargs):
+        raise RuntimeError("Failed to download (offline)")
+
+    monkeypatch.setattr(tv_utils, "download_url", offline)
+    monkeypatch.setattr(tv_utils, "download_and_extract_archive", offline)
+    cfg = compose_cfg("data=flowers102", f"data.root={tmp_path / 'data'}")
+    with pytest.raises(SetupError) as info:
+        load_splits(cfg.data)
+    message = str(info.value)
+    assert "102flowers.tgz" in message and str(tmp_path / "data" / "flowers-102") in message
+    assert "data=digits" in message
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backbone", ["vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "vgg19",
+                                      "vgg19_bn", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152"])
+def test_every_backbone_trains_at_tiny_size(compose_cfg, backbone: str) -> None:
+    summary = train(compose_cfg(f"backbone={backbone}", "backbone.weights=none", "strategy=partial_unfreeze",
+                                "strategy.unfreeze_last=1", "data.image_size=32", "trainer.max_epochs=1",
+                                "logger=none", "+trainer.limit_train_batches=5", "+trainer.limit_val_batches=2"))
+    assert summary["backbone"] == backbone and 0.0 <= summary["test"]["acc"] <= 1.0
