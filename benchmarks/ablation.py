@@ -29,6 +29,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from harness import cpu_model
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CIFAR_CANDIDATES = (REPO_ROOT.parent / "shared" / "data" / "cifar10-subset.npz",
                     REPO_ROOT / "shared" / "data" / "cifar10-subset.npz")
@@ -57,17 +59,6 @@ CAVEAT = ("caveat: backbone.weights=none (offline, no ImageNet weights): random-
 
 
 # ----------------------------------------------------------------------------------------------- machine
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def machine(device: str, threads: int | None = None) -> dict[str, Any]:

@@ -142,14 +142,9 @@ def resolve_resume(value: Any, run_dir: Path) -> Path | None:
 
 def check_resume_matches(path: Path, cfg: DictConfig, num_classes: int) -> None:
     """Refuse a checkpoint made for another backbone, strategy or class count, saying what differs."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise SetupError(
-            f"Cannot resume from '{path}': it does not load with weights_only=True ({type(err).__name__}). "
-            f"Only checkpoints written by finetune runs are accepted."
-        ) from None
-    hp = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}
+    from finetune.checkpoints import read_checkpoint
+
+    hp = read_checkpoint(path)["hyper_parameters"]  # refuses code pickles and foreign files, clearly
     wanted = {"backbone": cfg.backbone.name, "num_classes": num_classes, "strategy": cfg.strategy.name}
     found = {k: hp.get(k) for k in wanted}
     if found != wanted:
