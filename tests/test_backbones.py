@@ -107,3 +107,25 @@ def test_preprocessing_comes_from_weights_meta() -> None:
     assert (prep.resize_size, prep.crop_size) == (232, 224)
     small = prep.at_size(32)
     assert small.crop_size == 32 and small.resize_size == 33
+
+
+def test_imagenet_weights_placed_in_hub_cache_load_offline(monkeypatch, tmp_path) -> None:
+    """What the offline message tells users to do works: the file in the hub cache is used, no network."""
+    import os
+    import urllib.error
+
+    from finetune.backbones import imagenet_weights
+
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))
+
+    def no_network(*args, **kwargs):
+        raise urllib.error.URLError("offline")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    torch.manual_seed(3)
+    reference = torchvision.models.resnet18(weights=None)
+    target = tmp_path / "hub" / "checkpoints" / os.path.basename(imagenet_weights("resnet18").url)
+    target.parent.mkdir(parents=True)
+    torch.save(reference.state_dict(), target)
+    backbone = build_backbone("resnet18", "imagenet")
+    assert torch.equal(backbone.stages["layer3"][1].conv2.weight, reference.layer3[1].conv2.weight)
