@@ -15,11 +15,9 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import logging
 import shutil
 import tempfile
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -219,11 +217,7 @@ def parse_args() -> tuple[argparse.Namespace, torch.device]:
 
 def main() -> None:
     args, device = parse_args()
-    warnings.filterwarnings("ignore")
-    for name in ("pytorch_lightning", "lightning", "lightning_fabric", "finetune"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    machine = harness.describe(device)
-    harness.print_machine(machine)
+    machine = harness.start(device)
 
     work = Path(tempfile.mkdtemp(prefix="cache_speedup-")) if args.work_dir is None else args.work_dir
     work.mkdir(parents=True, exist_ok=True)

@@ -18,13 +18,11 @@ import argparse
 import contextlib
 import copy
 import gc
-import logging
 import resource
 import shutil
 import statistics
 import tempfile
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -204,11 +202,7 @@ def parse_args() -> tuple[argparse.Namespace, torch.device]:
 
 def main() -> None:
     args, device = parse_args()
-    warnings.filterwarnings("ignore")
-    for name in ("pytorch_lightning", "lightning", "lightning_fabric", "finetune"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    machine = harness.describe(device)
-    harness.print_machine(machine)
+    machine = harness.start(device)
     from finetune.train import build_module, use_channels_last
 
     work = Path(tempfile.mkdtemp(prefix="framework_overhead-"))

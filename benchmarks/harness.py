@@ -214,3 +214,16 @@ def write_json(path: Path | None, payload: dict[str, Any]) -> None:
 
 def verdict(met: bool) -> str:
     return "met" if met else "MISSED"
+
+
+def start(device: Any) -> dict[str, Any]:
+    """Silence framework logs and warnings, then print and return the machine description."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    for name in ("pytorch_lightning", "lightning", "lightning_fabric", "finetune"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    machine = describe(device)
+    print_machine(machine)
+    return machine
