@@ -20,7 +20,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from finetune.backbones import preprocessing_for
+from finetune.backbones import Preprocessing, preprocessing_for
 from finetune.data.datamodule import ImageDataModule, Transformed, resolve_num_workers
 from finetune.data.datasets import Splits, class_counts, load_splits
 from finetune.data.transforms import describe, eval_transform, train_transform
@@ -120,7 +120,7 @@ def build_datamodule(
     cfg: DictConfig, splits: Splits, module: FinetuneModule
 ) -> ImageDataModule | FeatureCacheDataModule:
     """Image loaders, or cached frozen-prefix outputs (then ``module.input_stage`` skips the prefix)."""
-    prep = preprocessing_for(cfg.backbone.name).at_size(cfg.data.get("image_size"))
+    prep = Preprocessing(**module.hparams.preprocessing)  # one source: what the checkpoint records
     augment = resolve_augment(cfg.data, cfg.strategy.name)
     train_tf = train_transform(prep, augment, bool(cfg.data.get("hflip", True)))
     eval_tf = eval_transform(prep)

@@ -54,3 +54,42 @@ def write_image_folder(root: Path, classes: int = 3, per_class: int = 12, size: 
 @pytest.fixture
 def image_folder(tmp_path: Path) -> Path:
     return write_image_folder(tmp_path / "images")
+
+
+def kill_resume_and_compare(args: Callable[..., list[str]], tmp_path: Path, env: dict[str, str],
+                            kill_after_epoch: int, settle: float = 0.0) -> tuple[Path, Path]:
+    """Run once straight; run again, SIGKILL it once epoch N's last.ckpt exists (+``settle`` s, i.e. inside
+    the next epoch), resume with resume=auto; assert both end with bit-identical weights.
+
+    ``args(run_dir, *extra)`` builds the command line. Returns (straight_dir, killed_dir).
+    """
+    import signal
+    import subprocess
+    import time
+
+    import torch
+
+    straight_dir, killed_dir = tmp_path / "straight", tmp_path / "killed"
+    straight = subprocess.run(args(straight_dir), env=env, capture_output=True, text=True, timeout=600)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+
+    proc = subprocess.Popen(args(killed_dir), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    last = killed_dir / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 300
+    while not (last.exists() and torch.load(last, map_location="cpu", weights_only=True)["epoch"] == kill_after_epoch):
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
+        time.sleep(0.05)
+    time.sleep(settle)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert torch.load(last, map_location="cpu", weights_only=True)["epoch"] == kill_after_epoch, "killed too late"
+    assert not (killed_dir / "summary.json").exists()
+
+    resumed = subprocess.run(args(killed_dir, "resume=auto"), env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a = torch.load(straight_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+    b = torch.load(last, map_location="cpu", weights_only=True)["state_dict"]
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{key} differs after resume"
+    return straight_dir, killed_dir

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +17,7 @@ from finetune.module import FinetuneModule
 from finetune.strategies import param_groups, unfreeze_schedule
 from finetune.train import resolve_class_weights, train
 from finetune.unfreezing import StageUnfreezer
-from tests.conftest import write_image_folder
+from tests.conftest import kill_resume_and_compare, write_image_folder
 
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
 
@@ -148,30 +146,10 @@ def _gradual_args(root: Path, run_dir: Path, *extra: str) -> list[str]:
 
 def test_kill_after_milestone_and_resume_equals_uninterrupted(tmp_path: Path) -> None:
     root = write_image_folder(tmp_path / "images", classes=3, per_class=40)
-    straight = subprocess.run(_gradual_args(root, tmp_path / "straight"), env=ENV, capture_output=True, text=True,
-                              timeout=600)
-    assert straight.returncode == 0, straight.stderr[-2000:]
-
-    run_dir = tmp_path / "killed"
-    proc = subprocess.Popen(_gradual_args(root, run_dir), env=ENV, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    last = run_dir / "checkpoints" / "last.ckpt"
-    deadline = time.monotonic() + 300
-    while True:  # kill inside epoch 3, after the epoch-2 checkpoint (milestone 1 passed, layer4 training)
-        assert proc.poll() is None and time.monotonic() < deadline, "run ended before it could be killed"
-        if last.exists() and torch.load(last, map_location="cpu", weights_only=True)["epoch"] == 1:
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    resumed = subprocess.run(_gradual_args(root, run_dir, "resume=auto"), env=ENV, capture_output=True, text=True,
-                             timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    a = torch.load(tmp_path / "straight" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    b = torch.load(last, map_location="cpu", weights_only=True)
-    for key in a["state_dict"]:
-        assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
-    sa = json.loads((tmp_path / "straight" / "summary.json").read_text())
+    # killed right after epoch 2's checkpoint: inside epoch 3, with milestone 1 passed (layer4 training)
+    straight_dir, run_dir = kill_resume_and_compare(lambda d, *extra: _gradual_args(root, d, *extra), tmp_path,
+                                                    ENV, kill_after_epoch=1)
+    sa = json.loads((straight_dir / "summary.json").read_text())
     sb = json.loads((run_dir / "summary.json").read_text())
     assert sa["unfreeze_events"] == sb["unfreeze_events"] == [
         {"epoch": 1, "stages": ["layer4"], "trainable_params": sa["unfreeze_events"][0]["trainable_params"]},

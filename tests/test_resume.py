@@ -15,7 +15,7 @@ import torch
 from finetune.errors import SetupError
 from finetune.resume import AtomicCheckpointIO, TrainingDiverged
 from finetune.train import train
-from tests.conftest import write_image_folder
+from tests.conftest import kill_resume_and_compare, write_image_folder
 
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
 
@@ -36,39 +36,15 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
         time.sleep(0.02)
 
 
-def _weights(ckpt: Path) -> dict[str, torch.Tensor]:
-    return torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
-
-
 @pytest.fixture(scope="module")
 def big_folder(tmp_path_factory) -> Path:
     return write_image_folder(tmp_path_factory.mktemp("data") / "images", classes=3, per_class=40)
 
 
 def test_sigkill_mid_epoch_then_resume_equals_uninterrupted_run(tmp_path: Path, big_folder: Path) -> None:
-    straight = subprocess.run(_args(big_folder, tmp_path / "straight"), env=ENV, capture_output=True, text=True,
-                              timeout=600)
-    assert straight.returncode == 0, straight.stderr[-2000:]
-
-    killed_dir = tmp_path / "killed"
-    proc = subprocess.Popen(_args(big_folder, killed_dir), env=ENV, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    _wait_for(killed_dir / "checkpoints" / "last.ckpt", proc)  # written at the end of epoch 1
-    time.sleep(0.3)  # well inside epoch 2
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    saved = torch.load(killed_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    assert saved["epoch"] == 0, "the kill should land in epoch 2, after epoch 1's checkpoint"
-    assert not (killed_dir / "summary.json").exists()
-
-    resumed = subprocess.run(_args(big_folder, killed_dir, "resume=auto"), env=ENV, capture_output=True, text=True,
-                             timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    a = _weights(tmp_path / "straight" / "checkpoints" / "last.ckpt")
-    b = _weights(killed_dir / "checkpoints" / "last.ckpt")
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), f"{key} differs after resume"
+    # killed 0.3 s after epoch 1's checkpoint: inside epoch 2
+    kill_resume_and_compare(lambda run_dir, *extra: _args(big_folder, run_dir, *extra), tmp_path, ENV,
+                            kill_after_epoch=0, settle=0.3)
 
 
 def test_sigterm_saves_resumable_checkpoint(tmp_path: Path, big_folder: Path) -> None:
