@@ -89,9 +89,37 @@ def run_finetune(cfg: Any) -> dict[str, Any]:
     summary = train(cfg)
     wall = time.perf_counter() - started
     seconds = summary["wall_seconds"]
+    training_memory = summary.get("peak_memory_training") or {}
+    checkpoints = Path(summary["run_dir"]) / "checkpoints"
     return {"wall_s": wall, "extract_s": seconds["feature_extraction"], "train_s": seconds["training"],
             "test_s": seconds["test"], "test_acc": summary["test"]["acc"], "epochs": summary["epochs_run"],
-            "feature_cache": summary["feature_cache"], "best_val_acc": summary["best_val_metric"]}
+            "feature_cache": summary["feature_cache"], "best_val_acc": summary["best_val_metric"],
+            "train_peak_cuda_bytes": training_memory.get("cuda_max_allocated_bytes"),
+            "train_start_cuda_bytes": training_memory.get("cuda_allocated_at_start_bytes"),
+            "checkpoint_bytes": sum(f.stat().st_size for f in checkpoints.glob("*.ckpt"))}
+
+
+def head_alone_peak(width: int, classes: int, batch_size: int, steps: int, device: torch.device) -> int | None:
+    """Peak CUDA allocation of training only a Linear head (AdamW) on batches of pooled features:
+    the floor that feature_extractor training on cached features should reach."""
+    if device.type != "cuda":
+        return None
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    head = nn.Linear(width, classes).to(device)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=1e-3)
+    for _ in range(steps):
+        x = torch.randn(batch_size, width, device=device)
+        y = torch.randint(classes, (batch_size,), device=device)
+        loss = nn.functional.cross_entropy(head(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    harness.sync(device)
+    peak = int(torch.cuda.max_memory_allocated(device))
+    del head, optimizer, x, y, loss
+    return peak
 
 
 def headless_backbone(name: str, weights_file: Path) -> tuple[nn.Module, int]:
@@ -175,10 +203,13 @@ def run_plain(root: Path, weights_file: Path, cfg: Any, device: torch.device, wo
 def measured(run: Any, *args: Any) -> dict[str, Any]:
     """A run's result plus the CPU seconds it used and the load right after it (wall time alone lies on a
     shared machine: other processes' work shows up in it, not in the CPU seconds)."""
+    gc.collect()
+    leftover = int(torch.cuda.memory_allocated()) if torch.cuda.is_available() else None
     cpu = harness.cpu_seconds()
     result = run(*args)
     gc.collect()  # loader workers are reaped (and their CPU time counted) once their iterators are freed
-    return {**result, "cpu_s": harness.cpu_seconds() - cpu, "load_average_after": harness.load_average()}
+    return {**result, "cpu_s": harness.cpu_seconds() - cpu, "load_average_after": harness.load_average(),
+            "cuda_allocated_before_bytes": leftover}
 
 
 def warm_up(name: str, weights_file: Path, size: int, batch_size: int, device: torch.device) -> None:
@@ -207,6 +238,9 @@ def parse_args() -> tuple[argparse.Namespace, torch.device]:
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--data", type=Path, default=None, help="the CIFAR-10 subset .npz (default: ../shared/data)")
     parser.add_argument("--per-class", type=int, default=None, help="use only the first N train images per class")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="after the comparison, run the warm cached job once more under cProfile and print "
+                             "its N most expensive functions (by own time)")
     parser.add_argument("--work-dir", type=Path, default=None, help="where the image tree, cache and runs go "
                         "(default: a temporary folder, removed afterwards)")
     args = parser.parse_args()
@@ -247,14 +281,18 @@ def main() -> None:
                                  workers)
         print("running finetune with the feature cache again (warm: a second run or sweep job) ...\n", flush=True)
         runs["cached_warm"] = measured(run_finetune, compose(overrides, work, "cached_warm"))
-        report(runs, args, machine, images.source, sizes, workers)
+        _, width = headless_backbone(args.backbone, weights_file)
+        head_peak = head_alone_peak(width, len(images.classes), args.batch_size, 20, device)
+        report(runs, args, machine, images.source, sizes, workers, head_peak)
+        if args.profile:
+            profile(compose(overrides, work, "profiled"), args.profile)
     finally:
         if args.work_dir is None:
             shutil.rmtree(work, ignore_errors=True)
 
 
 def report(runs: dict[str, dict[str, Any]], args: argparse.Namespace, machine: dict[str, Any], source: str,
-           sizes: dict[str, int], workers: int) -> None:
+           sizes: dict[str, int], workers: int, head_peak: int | None) -> None:
     labels = {"cached": "finetune, cache (cold)", "cache_off": "finetune, cache.enabled=false",
               "plain": "plain PyTorch loop", "cached_warm": "finetune, cache (warm)"}
     print(f"{'variant':<32}{'wall s':>9}{'extract s':>11}{'train s':>9}{'test s':>8}{'CPU s':>9}{'test acc %':>12}"
@@ -275,6 +313,7 @@ def report(runs: dict[str, dict[str, Any]], args: argparse.Namespace, machine: d
         "cpu_s cache_off/cached": runs["cache_off"]["cpu_s"] / runs["cached"]["cpu_s"],
         "cpu_s plain/cached": runs["plain"]["cpu_s"] / runs["cached"]["cpu_s"],
     }
+    print_memory(runs, labels, head_peak)
     acc_diff = 100 * (runs["cached"]["test_acc"] - runs["cache_off"]["test_acc"])
     plain_diff = 100 * (runs["cached"]["test_acc"] - runs["plain"]["test_acc"])
     speed_met = ratios["cache_off/cached"] >= TARGET_SPEEDUP
@@ -293,10 +332,40 @@ def report(runs: dict[str, dict[str, Any]], args: argparse.Namespace, machine: d
         "settings": {"backbone": args.backbone, "weights": args.weights, "image_size": args.image_size,
                      "epochs": args.epochs, "batch_size": args.batch_size, "num_workers": workers,
                      "seed": args.seed, "data": source, "split_sizes": sizes, "quick": args.quick},
-        "runs": runs, "ratios": ratios,
+        "runs": runs, "ratios": ratios, "head_alone_train_peak_cuda_bytes": head_peak,
         "test_acc_diff_points": {"cached-cache_off": acc_diff, "cached-plain": plain_diff},
         "targets": {"cache_off/cached >= 5": speed_met, "|acc diff| <= 0.5 points": acc_met},
     })
+
+
+def profile(cfg: Any, top: int) -> None:
+    """Where a warm cached run spends its time: per-step framework cost shows up here."""
+    import cProfile
+    import pstats
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    summary = run_finetune(cfg)
+    profiler.disable()
+    print(f"\ncProfile of one more warm cached run ({summary['wall_s']:.1f} s wall with the profiler on), "
+          f"top {top} by own time:")
+    pstats.Stats(profiler).sort_stats("tottime").print_stats(top)
+
+
+def print_memory(runs: dict[str, dict[str, Any]], labels: dict[str, str], head_peak: int | None) -> None:
+    """Training-phase memory (after extraction) next to a head trained alone, and checkpoint sizes."""
+    mb = 2**20
+    print(f"\n{'variant':<32}{'ckpt MB':>9}{'CUDA at train start MB':>24}{'CUDA train peak MB':>20}")
+    for key, label in labels.items():
+        r = runs[key]
+        cuda = [f"{r[k] / mb:>{w}.2f}" if r.get(k) is not None else f"{'-':>{w}}"
+                for k, w in (("train_start_cuda_bytes", 24), ("train_peak_cuda_bytes", 20))]
+        ckpt = f"{r['checkpoint_bytes'] / mb:>9.2f}" if "checkpoint_bytes" in r else f"{'-':>9}"
+        print(f"{label:<32}{ckpt}{''.join(cuda)}")
+    if head_peak is not None:
+        print(f"{'a Linear head trained alone':<32}{'':>9}{'':>24}{head_peak / mb:>20.2f}")
+        print(f"training peak cached / head alone: {runs['cached']['train_peak_cuda_bytes'] / head_peak:.2f}x")
+    print()
 
 
 if __name__ == "__main__":

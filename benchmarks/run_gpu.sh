@@ -3,9 +3,10 @@
 # short device lease still brings back whole results. Logs and JSON go to $OUT (default gpu-results/).
 #   bash benchmarks/run_gpu.sh            # from the repo root, with hydra-core + omegaconf installed
 #   DATA=/path/cifar10-subset.npz bash benchmarks/run_gpu.sh   # where ../shared/data is not beside the repo
+#   SET=all bash benchmarks/run_gpu.sh    # also the roofline and framework-overhead runs
 # Needs torch, torchvision, pytorch-lightning, torchmetrics, hydra-core, omegaconf, scikit-learn, pillow.
-# Without the CIFAR-10 subset, cache_speedup and framework_overhead fall back to scikit-learn's digits.
-# Budget: about 7 minutes in all on an H100/H200 (the limits below add up to 10.5); the last two are optional.
+# Without the CIFAR-10 subset, the benchmarks fall back to scikit-learn's digits.
+# Budget: about 6 minutes on an H100/H200 for the default set (limits add up to 7.5), 4 more for SET=all.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-gpu-results}"
@@ -15,11 +16,11 @@ PY="${PYTHON:-python}"
 DATA_ARGS=()
 if [ -n "${DATA:-}" ]; then DATA_ARGS=(--data "$DATA"); fi
 
-"$PY" - <<'EOF' || { echo "missing packages: pip install the carried wheels first" >&2; exit 2; }
+"$PY" - <<'PYEOF' || { echo "missing packages: pip install the carried wheels first" >&2; exit 2; }
 import hydra, omegaconf, pytorch_lightning, sklearn, torch, torchmetrics, torchvision  # noqa: F401
 assert torch.cuda.is_available(), "no CUDA GPU visible"
 print("ok:", torch.__version__, torch.cuda.get_device_name())
-EOF
+PYEOF
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,power.limit --format=csv > "$OUT/nvidia-smi.csv" 2>&1
 
 run() {  # run NAME LIMIT_S ARGS...: one benchmark, its log and JSON in $OUT, never more than LIMIT_S
@@ -29,10 +30,13 @@ run() {  # run NAME LIMIT_S ARGS...: one benchmark, its log and JSON in $OUT, ne
   echo "== $name exit ${PIPESTATUS[0]}"
 }
 
-run roofline 120 benchmarks/roofline.py --backbones resnet50,vgg16 --batch-size 128
-run overhead_resnet18_64 90 benchmarks/framework_overhead.py --image-size 64 --batch-size 32 --steps 100 \
-  --warmup 10 --repeats 3 ${DATA_ARGS[@]+"${DATA_ARGS[@]}"}
-run cache_speedup_64 180 benchmarks/cache_speedup.py ${DATA_ARGS[@]+"${DATA_ARGS[@]}"}
-run overhead_resnet50_224_bf16 90 benchmarks/framework_overhead.py --backbone resnet50 --image-size 224 \
-  --batch-size 64 --precision bf16-mixed --steps 50 --warmup 10 --repeats 3 ${DATA_ARGS[@]+"${DATA_ARGS[@]}"}
-run cache_speedup_224 150 benchmarks/cache_speedup.py --image-size 224 ${DATA_ARGS[@]+"${DATA_ARGS[@]}"}
+run cache_speedup_64 110 benchmarks/cache_speedup.py --profile 25 ${DATA_ARGS[@]+"${DATA_ARGS[@]}"}
+run cache_fidelity_224 60 benchmarks/cache_fidelity.py ${DATA_ARGS[@]+"${DATA_ARGS[@]}"}
+run cache_speedup_224 120 benchmarks/cache_speedup.py --image-size 224 ${DATA_ARGS[@]+"${DATA_ARGS[@]}"}
+run cache_speedup_224_vgg16 160 benchmarks/cache_speedup.py --backbone vgg16 --image-size 224 \
+  ${DATA_ARGS[@]+"${DATA_ARGS[@]}"}
+if [ "${SET:-}" = all ]; then
+  run roofline 120 benchmarks/roofline.py --backbones resnet50,vgg16 --batch-size 128
+  run overhead_resnet18_64 90 benchmarks/framework_overhead.py --image-size 64 --batch-size 32 --steps 100 \
+    --warmup 10 --repeats 3 ${DATA_ARGS[@]+"${DATA_ARGS[@]}"}
+fi

@@ -239,18 +239,25 @@ def _load_into(model: nn.Module, name: str, state: dict[str, torch.Tensor], sour
             f"The weights from {source} do not fit backbone '{name}' ({detail}). Check that the "
             f"file was saved from a torchvision {name}, or pick the matching backbone=..."
         )
-    model.load_state_dict({k: state[k] for k in wanted}, strict=False)
+    # The model was built on the meta device: the loaded tensors become its tensors (float32, as built).
+    model.load_state_dict({k: state[k].float() if state[k].is_floating_point() else state[k] for k in wanted},
+                          strict=False, assign=True)
 
 
 def build_backbone(name: str, weights: str | None = "imagenet") -> Backbone:
     """Build ``name`` with weights 'imagenet', 'none' or a path, cut into its stages."""
     check_name(name)
-    model = torchvision.models.get_model(name, weights=None)
     source = weights_source(weights)
-    if source == "imagenet":
-        _load_into(model, name, _download_imagenet_state_dict(name), "torchvision's ImageNet weights")
-    elif source == "file":
-        _load_into(model, name, load_state_dict_file(str(weights)), f"'{weights}'")
+    if source == "none":
+        model = torchvision.models.get_model(name, weights=None)
+    else:
+        # Loaded weights replace every tensor: skip the random init (~1.5 s for VGG-16 on a CPU core).
+        with torch.device("meta"):
+            model = torchvision.models.get_model(name, weights=None)
+        if source == "imagenet":
+            _load_into(model, name, _download_imagenet_state_dict(name), "torchvision's ImageNet weights")
+        else:
+            _load_into(model, name, load_state_dict_file(str(weights)), f"'{weights}'")
     if family(name) == "resnet":
         return Backbone(name, _resnet_stages(model), model.fc.in_features)
     return Backbone(name, _vgg_stages(model), model.classifier[6].in_features)

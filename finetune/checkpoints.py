@@ -17,6 +17,7 @@ import torch
 
 from finetune.backbones import Preprocessing, preprocessing_for
 from finetune.errors import SetupError
+from finetune.frozen_weights import COMPILED_PREFIX, RECORD_KEY
 from finetune.module import FinetuneModule
 
 EXPECTED = (
@@ -24,8 +25,6 @@ EXPECTED = (
     "'state_dict' and 'hyper_parameters' (backbone, num_classes, class_names, preprocessing, ...)"
 )
 REQUIRED_HPARAMS = ("backbone", "num_classes")
-# torch.compile wraps the module; a checkpoint of the wrapper carries this prefix on every key.
-COMPILED_PREFIX = "_orig_mod."
 
 
 def load_module(path: str | Path) -> FinetuneModule:
@@ -33,8 +32,14 @@ def load_module(path: str | Path) -> FinetuneModule:
     path = Path(path).expanduser()
     checkpoint = read_checkpoint(path)
     hparams = checkpoint_hparams(checkpoint, path)
-    module = build_module(hparams, path)
-    load_weights(module, checkpoint["state_dict"], path)
+    record = checkpoint.get(RECORD_KEY)
+    module = build_module(hparams, path, record)
+    state = strip_compiled(checkpoint["state_dict"])
+    if record:  # frozen stages left out: fill them from the rebuilt backbone (fingerprint checked)
+        completed = {"state_dict": state, RECORD_KEY: record}
+        module.complete_checkpoint(completed, f"'{path}'")
+        state = completed["state_dict"]
+    load_weights(module, state, path)
     module.input_stage = 0  # a run on cached features saved a module fed by the prefix's outputs
     return module.eval()
 
@@ -140,18 +145,28 @@ def checkpoint_hparams(checkpoint: dict[str, Any], path: Path) -> dict[str, Any]
     return hparams
 
 
-def build_module(hparams: dict[str, Any], path: Path) -> FinetuneModule:
-    """The same architecture, without fetching pretrained weights: the checkpoint overwrites them all."""
+def build_module(hparams: dict[str, Any], path: Path, record: dict[str, Any] | None = None) -> FinetuneModule:
+    """The same architecture. Pretrained weights are fetched only for frozen stages the checkpoint left
+    out (``record``); the checkpoint overwrites everything else."""
+    weights = hparams.get("weights", "none") if record else "none"
     try:
-        return FinetuneModule(**{**hparams, "weights": "none", "input_stage": 0})
+        return FinetuneModule(**{**hparams, "weights": weights, "input_stage": 0})
     except SetupError as error:
-        raise SetupError(f"Cannot rebuild the model of '{path}': {error}") from None
+        because = (f" Its frozen stages ({', '.join(record['stages'])}) are not stored in it: they are rebuilt "
+                   f"from their weights source, {weights}." if record else "")
+        raise SetupError(f"Cannot rebuild the model of '{path}'.{because} {error}") from None
+
+
+def strip_compiled(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """A state_dict of a torch.compile'd module, under the plain module's keys."""
+    if state_dict and all(k.startswith(COMPILED_PREFIX) for k in state_dict):
+        return {k[len(COMPILED_PREFIX):]: v for k, v in state_dict.items()}
+    return state_dict
 
 
 def load_weights(module: FinetuneModule, state_dict: dict[str, Any], path: Path) -> None:
     """Strict load: a missing or extra tensor means the file does not describe this model."""
-    if state_dict and all(k.startswith(COMPILED_PREFIX) for k in state_dict):
-        state_dict = {k[len(COMPILED_PREFIX):]: v for k, v in state_dict.items()}
+    state_dict = strip_compiled(state_dict)
     own = module.state_dict()
     missing = sorted(own.keys() - state_dict.keys())
     unexpected = sorted(state_dict.keys() - own.keys())

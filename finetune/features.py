@@ -195,7 +195,7 @@ class FeatureCacheDataModule(pl.LightningDataModule):
     def __init__(
         self,
         images: dict[str, Dataset],
-        prefix: nn.Module,
+        prefix: nn.Module | None,
         folder: Path,
         meta: dict[str, Any],
         batch_size: int,
@@ -249,12 +249,15 @@ class FeatureCacheDataModule(pl.LightningDataModule):
         for split in SPLITS:
             shards = [FeatureDataset(shard_files(self.folder, split, r, world)) for r in range(world)]
             self.datasets[split] = shards[0] if world == 1 else ShardedFeatures(shards)
-        self.prefix.to("cpu")
+        self.prefix = None  # a copy made for extraction: not needed any more
 
     def _extract_missing(self, rank: int, world: int, device: torch.device) -> None:
         for split in SPLITS:
             files = shard_files(self.folder, split, rank, world)
             if not files.complete():
+                if self.prefix is None:
+                    raise RuntimeError(f"The feature cache {self.folder} lost its '{split}' files after this run "
+                                       f"read them; run again to extract them anew.")
                 dataset = self.images[split]
                 views = self.train_views if split == "train" else 1
                 self.extracted_images += extract_features(

@@ -11,8 +11,9 @@ from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
 
-from finetune.backbones import build_backbone
+from finetune.backbones import build_backbone, weights_source
 from finetune.errors import SetupError
+from finetune.frozen_weights import MODES, RECORD_KEY, DetachedStage, HeldStages, fingerprint, pop_stages
 from finetune.strategies import freeze_stages, param_groups, trainable_at, unfreeze_schedule
 
 
@@ -65,7 +66,8 @@ class FinetuneModule(pl.LightningModule):
     """Backbone (frozen prefix + trainable suffix) and head; checkpoints describe themselves.
 
     ``input_stage`` > 0 means batches hold the cached output of the frozen prefix
-    (stages before ``input_stage``) instead of images.
+    (stages before ``input_stage``) instead of images; the prefix may then be detached
+    (:meth:`detach_frozen_prefix`) so that it stays off the device while training.
     """
 
     def __init__(
@@ -87,8 +89,12 @@ class FinetuneModule(pl.LightningModule):
         freeze_epochs: int | None = None,
         class_weights: list[float] | None = None,
         regularization: dict | None = None,
+        checkpoint_frozen_stages: str = "reference",
     ) -> None:
         super().__init__()
+        if checkpoint_frozen_stages not in MODES:
+            raise SetupError(f"checkpoint_frozen_stages='{checkpoint_frozen_stages}' must be one of {MODES}: "
+                             f"reference (rebuild frozen stages from their weights source) or store (keep them in).")
         self.save_hyperparameters()
         self.backbone = build_backbone(backbone, weights)
         self.schedule = unfreeze_schedule(self.backbone.stage_names, strategy, unfreeze_last, milestones,
@@ -108,6 +114,10 @@ class FinetuneModule(pl.LightningModule):
         self.test_metrics = classification_metrics(num_classes, "test/")
         self.test_confusion = MulticlassConfusionMatrix(num_classes)
         self.confusion_matrix: torch.Tensor | None = None
+        self.held: HeldStages | None = None  # the frozen prefix while detached
+        self.train_hits: torch.Tensor | None = None  # correct train predictions this epoch
+        self.train_seen = 0
+        self._fingerprints: dict[tuple[str, ...], str] = {}
 
     @property
     def ever_trainable(self) -> list[str]:
@@ -120,6 +130,99 @@ class FinetuneModule(pl.LightningModule):
         names = self.backbone.stage_names
         ever = set(self.ever_trainable)
         return next((i for i, name in enumerate(names) if name in ever), len(names))
+
+    @property
+    def omitted_stages(self) -> list[str]:
+        """Stages frozen all run whose weights source can rebuild them: checkpoints leave them out."""
+        if self.hparams.get("checkpoint_frozen_stages", "reference") != "reference":
+            return []
+        if weights_source(self.hparams.get("weights")) == "none":  # a random init is not reproducible
+            return []
+        return self.backbone.stage_names[:self.cacheable_prefix]
+
+    def frozen_state(self, stages: list[str]) -> dict[str, torch.Tensor]:
+        """Tensors of frozen ``stages`` under their module keys, whether attached or held."""
+        held = self.held.stages if self.held is not None else {}
+        return {f"backbone.stages.{name}.{key}": value for name in stages
+                for key, value in (held.get(name) or self.backbone.stages[name]).state_dict().items()}
+
+    def frozen_fingerprint(self, stages: list[str]) -> str:
+        """Fingerprint of frozen stages (computed once: they do not change during a run)."""
+        key = tuple(stages)
+        if key not in self._fingerprints:
+            self._fingerprints[key] = fingerprint(self.frozen_state(stages))
+        return self._fingerprints[key]
+
+    def detach_frozen_prefix(self) -> None:
+        """Take the stages before ``input_stage`` out of the module (their outputs are cached).
+
+        They stay on the host, outside ``parameters()``: not moved to the device, not in DDP, not in
+        an EMA copy. :meth:`attach_frozen_prefix` puts them back.
+        """
+        if self.held is not None or self.input_stage == 0:
+            return
+        names = self.backbone.stage_names[:self.input_stage]
+        self.held = HeldStages({name: self.backbone.stages[name] for name in names})
+        for name in names:
+            self.backbone.stages[name] = DetachedStage(name)
+
+    def attach_frozen_prefix(self) -> None:
+        """Put detached stages back, on the device of the rest of the module."""
+        if self.held is None:
+            return
+        device = next(self.head.parameters()).device
+        for name, stage in self.held.stages.items():
+            self.backbone.stages[name] = stage.to(device)
+        self.held = None
+        freeze_stages(self.backbone, self.trainable)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Leave rebuildable frozen stages out (recording source + fingerprint); put held ones in otherwise."""
+        omitted = self.omitted_stages
+        for key in ("state_dict", "current_model_state"):  # the latter: Lightning's EMA raw weights
+            state = checkpoint.get(key)
+            if not isinstance(state, dict):
+                continue
+            if omitted:
+                pop_stages(state, omitted)
+            elif self.held is not None:
+                state.update(self.held.state_dict())
+        if omitted:
+            checkpoint[RECORD_KEY] = {"stages": omitted, "weights": str(self.hparams.get("weights")),
+                                      "fingerprint": self.frozen_fingerprint(omitted)}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.complete_checkpoint(checkpoint, "The checkpoint")
+
+    def complete_checkpoint(self, checkpoint: dict[str, Any], source: str) -> None:
+        """Make a checkpoint's state dicts fit this module as it is now (prefix attached or held).
+
+        Stages the checkpoint left out are filled from this module's own (rebuilt) tensors after
+        their fingerprint is checked; stored tensors of held stages are loaded into them.
+        """
+        record = checkpoint.get(RECORD_KEY)
+        if record:
+            found = self.frozen_fingerprint(list(record["stages"]))
+            if found != record["fingerprint"]:
+                raise SetupError(
+                    f"{source} was trained on frozen stages {', '.join(record['stages'])} from "
+                    f"{record['weights']}, and left them out to be rebuilt from there; but the weights found "
+                    f"there now differ (fingerprint {found}, expected {record['fingerprint']}): the file was "
+                    f"changed or replaced. Restore the weights it was trained with; runs with "
+                    f"checkpoint_frozen_stages=store keep frozen stages inside their checkpoints."
+                )
+        for key in ("state_dict", "current_model_state"):
+            state = checkpoint.get(key)
+            if not isinstance(state, dict):
+                continue
+            if self.held is not None:
+                taken = pop_stages(state, self.held.stages)
+                if taken:
+                    self.held.load(taken)
+                    self._fingerprints.clear()
+            elif record:
+                for name, value in self.frozen_state(list(record["stages"])).items():
+                    state.setdefault(name, value)
 
     def apply_schedule(self, epoch: int) -> list[str]:
         """Make exactly the stages of ``epoch`` trainable; returns the stages that just unfroze."""
@@ -165,9 +268,18 @@ class FinetuneModule(pl.LightningModule):
             logits = self(x)
             loss = self.criterion(logits, y)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(y))
-        self.log("train/acc", (logits.argmax(1) == y).float().mean(), on_step=False, on_epoch=True,
-                 batch_size=len(y))
+        # Counted on the device and logged once per epoch: a self.log call costs more than a head step.
+        hits = (logits.argmax(1) == y).sum().detach()
+        self.train_hits = hits if self.train_hits is None else self.train_hits + hits
+        self.train_seen += len(y)
         return loss
+
+    def on_train_epoch_start(self) -> None:
+        self.train_hits, self.train_seen = None, 0
+
+    def on_train_epoch_end(self) -> None:
+        if self.train_hits is not None and self.train_seen:
+            self.log("train/acc", self.train_hits.float() / self.train_seen, on_step=False, on_epoch=True)
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
+import pytorch_lightning as pl
 import torch
 
 
@@ -66,6 +67,36 @@ def peak_memory() -> dict[str, int | None]:
         rss = int(maxrss if sys.platform == "darwin" else maxrss * 1024)
     cuda = int(torch.cuda.max_memory_allocated()) if torch.cuda.is_available() else None
     return {"cpu_rss_bytes": rss, "cuda_max_allocated_bytes": cuda}
+
+
+class TrainingPeakMemory(pl.Callback):
+    """Peak memory of the training phase alone (after feature extraction), besides the run's overall peak.
+
+    On train start it keeps the peaks so far and resets them; on train end it reads the training peak.
+    On CUDA that is the peak of tensors allocated, which for training on cached features is the
+    trainable part alone.
+    """
+
+    def __init__(self) -> None:
+        self.before: dict[str, int | None] | None = None
+        self.training: dict[str, int | None] | None = None
+        self.cuda_at_start: int | None = None
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        self.before = peak_memory()
+        self.cuda_at_start = int(torch.cuda.memory_allocated()) if torch.cuda.is_available() else None
+        reset_peak_memory()
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        # allocated at start: the module and optimizer as training begins (frozen weights too, unless detached)
+        self.training = {**peak_memory(), "cuda_allocated_at_start_bytes": self.cuda_at_start}
+
+    def overall(self) -> dict[str, int | None]:
+        """The whole run's peaks: the larger of before-training and since (the reset forgot the former)."""
+        now = peak_memory()
+        if self.before is None:
+            return now
+        return {k: max((v for v in (self.before.get(k), now.get(k)) if v is not None), default=None) for k in now}
 
 
 def plot_confusion_matrix(matrix: torch.Tensor, class_names: Sequence[str], path: str | os.PathLike) -> Path:

@@ -35,7 +35,7 @@ from finetune.resume import (
     check_resume_matches,
     resolve_resume,
 )
-from finetune.run_outputs import reset_peak_memory
+from finetune.run_outputs import TrainingPeakMemory, reset_peak_memory
 from finetune.summary import device_name, make_summary, write_run_files
 from finetune.unfreezing import StageUnfreezer
 
@@ -65,6 +65,7 @@ def build_module(cfg: DictConfig, splits: Splits) -> FinetuneModule:
         freeze_epochs=cfg.strategy.get("freeze_epochs"),
         class_weights=resolve_class_weights(cfg.loss.get("class_weights"), splits),
         regularization=OmegaConf.to_container(cfg.get("regularization") or {}, resolve=True),
+        checkpoint_frozen_stages=str(cfg.get("checkpoint_frozen_stages", "reference")),
     )
 
 
@@ -316,32 +317,41 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     trainer_kwargs: dict[str, Any] = {}
     if cfg.callbacks.progress_bar == "none":
         trainer_kwargs["enable_progress_bar"] = False
+    memory = TrainingPeakMemory()
     trainer: pl.Trainer = instantiate(
-        cfg.trainer, callbacks=build_callbacks(cfg, has_logger=bool(loggers)), logger=loggers or False,
+        cfg.trainer, callbacks=[*build_callbacks(cfg, has_logger=bool(loggers)), memory], logger=loggers or False,
         default_root_dir=str(out_dir), plugins=[AtomicCheckpointIO()], **trainer_kwargs,
     )
     extra: dict[str, Any] = {}
-    if (cfg.get("tune") or {}).get("lr_find") and resume_from is None:
-        extra["lr_find"] = find_lr(trainer, module, datamodule, out_dir)
-    fit_started = time.perf_counter()
-    trainer.fit(fit_module, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None)
-    feature_seconds = getattr(datamodule, "extract_seconds", 0.0)
-    train_seconds = time.perf_counter() - fit_started - feature_seconds
-    checkpoint = trainer.checkpoint_callback
-    best_path = getattr(checkpoint, "best_model_path", "") or None
-    best_score = getattr(checkpoint, "best_model_score", None)
+    # On cached features the frozen prefix is not needed until the run ends: off the device, out of DDP.
+    module.detach_frozen_prefix()
+    try:
+        if (cfg.get("tune") or {}).get("lr_find") and resume_from is None:
+            extra["lr_find"] = find_lr(trainer, module, datamodule, out_dir)
+        fit_started = time.perf_counter()
+        trainer.fit(fit_module, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None)
+        feature_seconds = getattr(datamodule, "extract_seconds", 0.0)
+        train_seconds = time.perf_counter() - fit_started - feature_seconds
+        checkpoint = trainer.checkpoint_callback
+        best_path = getattr(checkpoint, "best_model_path", "") or None
+        best_score = getattr(checkpoint, "best_model_score", None)
 
-    test_started = time.perf_counter()
-    ckpt_path = best_path
-    if best_path and (cfg.get("regularization") or {}).get("ema_decay"):
-        # Lightning's weight averaging would restore the raw weights from the checkpoint's
-        # `current_model_state`; the averaged ones (its `state_dict`) are what val picked.
-        state = torch.load(best_path, map_location="cpu", weights_only=True)["state_dict"]
-        module.load_state_dict(state)
-        ckpt_path = None
-    results = trainer.test(fit_module, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False)
-    test_seconds = time.perf_counter() - test_started
+        test_started = time.perf_counter()
+        ckpt_path = best_path
+        if best_path and (cfg.get("regularization") or {}).get("ema_decay"):
+            # Lightning's weight averaging would restore the raw weights from the checkpoint's
+            # `current_model_state`; the averaged ones (its `state_dict`) are what val picked.
+            best = torch.load(best_path, map_location="cpu", weights_only=True)
+            module.complete_checkpoint(best, f"'{best_path}'")
+            module.load_state_dict(best["state_dict"])
+            ckpt_path = None
+        results = trainer.test(fit_module, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False)
+        test_seconds = time.perf_counter() - test_started
+    finally:
+        module.attach_frozen_prefix()
     test = {k.removeprefix("test/"): float(v) for k, v in (results[0] if results else {}).items()}
+    extra["peak_memory"] = memory.overall()
+    extra["peak_memory_training"] = memory.training
 
     summary = make_summary(
         cfg, splits, module, out_dir, augment=resolve_augment(cfg.data, cfg.strategy.name),
@@ -371,3 +381,7 @@ def check_config(cfg: DictConfig) -> None:
         )
     if int(cfg.data.batch_size) < 1:
         raise SetupError("data.batch_size must be >= 1.")
+    frozen = cfg.get("checkpoint_frozen_stages", "reference")
+    if frozen not in ("reference", "store"):
+        raise SetupError(f"checkpoint_frozen_stages={frozen} must be reference (frozen stages rebuilt from their "
+                         f"weights source on load) or store (kept in every checkpoint).")
