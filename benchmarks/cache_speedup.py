@@ -34,6 +34,7 @@ from finetune import config_dir
 from finetune.backbones import family, preprocessing_for
 from finetune.data.datamodule import resolve_num_workers
 from finetune.module import warmup_cosine
+from finetune.train import apply_tf32
 
 TARGET_SPEEDUP = 5.0
 TARGET_ACC_POINTS = 0.5
@@ -208,6 +209,8 @@ def measured(run: Any, *args: Any) -> dict[str, Any]:
     cpu = harness.cpu_seconds()
     result = run(*args)
     gc.collect()  # loader workers are reaped (and their CPU time counted) once their iterators are freed
+    # printed at once, so a run cut short by a time limit still shows the variants it finished
+    print(f"  done: {result['wall_s']:.1f} s wall, test acc {100 * result['test_acc']:.2f}%", flush=True)
     return {**result, "cpu_s": harness.cpu_seconds() - cpu, "load_average_after": harness.load_average(),
             "cuda_allocated_before_bytes": leftover}
 
@@ -238,6 +241,8 @@ def parse_args() -> tuple[argparse.Namespace, torch.device]:
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--data", type=Path, default=None, help="the CIFAR-10 subset .npz (default: ../shared/data)")
     parser.add_argument("--per-class", type=int, default=None, help="use only the first N train images per class")
+    parser.add_argument("--tf32", choices=("auto", "true", "false"), default="auto",
+                        help="speed.tf32 for the finetune runs, and the same setting for the plain loop")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="after the comparison, run the warm cached job once more under cProfile and print "
                              "its N most expensive functions (by own time)")
@@ -262,14 +267,16 @@ def main() -> None:
         workers = resolve_num_workers("auto") if args.num_workers is None else args.num_workers
         print(f"data: {images.source}; PNG tree train/val/test = {sizes['train']}/{sizes['val']}/{sizes['test']}")
         print(f"run: {args.backbone} (weights={args.weights}, frozen), feature_extractor, {args.image_size} px, "
-              f"batch {args.batch_size}, {args.epochs} epochs, AdamW, {workers} loader worker(s)\n")
+              f"batch {args.batch_size}, {args.epochs} epochs, AdamW, {workers} loader worker(s), "
+              f"speed.tf32={args.tf32}\n")
 
         overrides = [f"backbone={args.backbone}", f"backbone.weights={weights_file}", "strategy=feature_extractor",
                      "data=folder", f"data.root={work / 'images'}", f"data.image_size={args.image_size}",
                      f"data.batch_size={args.batch_size}", f"data.num_workers={workers}",
                      f"trainer.max_epochs={args.epochs}", "trainer.devices=1",
                      f"trainer.accelerator={'gpu' if device.type == 'cuda' else 'cpu'}", "logger=none",
-                     f"seed={args.seed}"]
+                     f"seed={args.seed}", f"speed.tf32={args.tf32}"]
+        apply_tf32(args.tf32)  # the plain loop and the warm-up run under the same setting
         warm_up(args.backbone, weights_file, args.image_size, args.batch_size, device)
         runs: dict[str, dict[str, Any]] = {}
         print("running finetune with the feature cache (cold: extraction included) ...", flush=True)
@@ -330,6 +337,7 @@ def report(runs: dict[str, dict[str, Any]], args: argparse.Namespace, machine: d
     harness.write_json(args.json, {
         "benchmark": "cache_speedup", "machine": machine,
         "settings": {"backbone": args.backbone, "weights": args.weights, "image_size": args.image_size,
+                     "tf32": args.tf32,
                      "epochs": args.epochs, "batch_size": args.batch_size, "num_workers": workers,
                      "seed": args.seed, "data": source, "split_sizes": sizes, "quick": args.quick},
         "runs": runs, "ratios": ratios, "head_alone_train_peak_cuda_bytes": head_peak,

@@ -116,6 +116,7 @@ class FinetuneModule(pl.LightningModule):
         self.confusion_matrix: torch.Tensor | None = None
         self.held: HeldStages | None = None  # the frozen prefix while detached
         self.train_hits: torch.Tensor | None = None  # correct train predictions this epoch
+        self.train_loss_sum: torch.Tensor | None = None  # sum of per-sample train losses this epoch
         self.train_seen = 0
         self._fingerprints: dict[tuple[str, ...], str] = {}
 
@@ -267,18 +268,34 @@ class FinetuneModule(pl.LightningModule):
         else:
             logits = self(x)
             loss = self.criterion(logits, y)
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(y))
-        # Counted on the device and logged once per epoch: a self.log call costs more than a head step.
+        # Epoch loss and accuracy are summed on the device and logged once per epoch; the step loss only
+        # when a logger writes this step or a progress bar shows it: a self.log call costs more than a
+        # whole optimizer step of a head on cached features.
         hits = (logits.argmax(1) == y).sum().detach()
-        self.train_hits = hits if self.train_hits is None else self.train_hits + hits
+        summed = loss.detach() * len(y)
+        first = self.train_hits is None
+        self.train_hits = hits if first else self.train_hits + hits
+        self.train_loss_sum = summed if first else self.train_loss_sum + summed
         self.train_seen += len(y)
+        if self._step_loss_wanted():
+            self.log("train/loss_step", loss, on_step=True, on_epoch=False, prog_bar=True)
         return loss
 
+    def _step_loss_wanted(self) -> bool:
+        trainer = self._trainer
+        if trainer is None:
+            return True
+        connector = getattr(trainer, "_logger_connector", None)
+        return (trainer.progress_bar_callback is not None or connector is None or connector.should_update_logs
+                or bool(trainer.fast_dev_run))
+
     def on_train_epoch_start(self) -> None:
-        self.train_hits, self.train_seen = None, 0
+        self.train_hits, self.train_loss_sum, self.train_seen = None, None, 0
 
     def on_train_epoch_end(self) -> None:
-        if self.train_hits is not None and self.train_seen:
+        if self.train_hits is not None and self.train_loss_sum is not None and self.train_seen:
+            self.log("train/loss_epoch", self.train_loss_sum / self.train_seen, on_step=False, on_epoch=True,
+                     prog_bar=True)
             self.log("train/acc", self.train_hits.float() / self.train_seen, on_step=False, on_epoch=True)
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:

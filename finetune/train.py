@@ -117,6 +117,24 @@ def use_channels_last(cfg: DictConfig, inference: bool = False) -> bool:
     return bool(value)
 
 
+def apply_tf32(value: Any) -> None:
+    """``speed.tf32``: auto keeps PyTorch's defaults (cuDNN convolutions in TF32, matmuls in full fp32).
+
+    true: convolutions and matmuls in TF32 (faster on Ampere and later); false: both in full fp32
+    (bit-for-bit closer results, e.g. cached vs uncached features; see BENCHMARKS.md, cache fidelity).
+    """
+    if value in (None, "auto"):
+        return
+    if value not in (True, False, "true", "false"):
+        raise SetupError(f"speed.tf32={value} must be auto, true or false.")
+    precision = "tf32" if value in (True, "true") else "ieee"
+    if hasattr(torch.backends.cudnn, "conv") and hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        torch.backends.cudnn.conv.fp32_precision = precision
+        torch.backends.cuda.matmul.fp32_precision = precision
+    else:  # torch < 2.9
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+
+
 def build_datamodule(
     cfg: DictConfig, splits: Splits, module: FinetuneModule
 ) -> ImageDataModule | FeatureCacheDataModule:
@@ -261,9 +279,10 @@ def find_lr(trainer: pl.Trainer, module: FinetuneModule, datamodule: Any, out_di
     return {"suggested_lr": suggested, "configured_lr": original, "plot": str(plot) if plot.exists() else None}
 
 
-def check_data(data_cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
+def check_data(data_cfg: DictConfig, out_dir: Path, cache_dir: str | None = None) -> dict[str, Any]:
     """Scan a folder dataset before training; returns the loader's ``skip`` set (bad files).
 
+    Files unchanged since an earlier run's check (size, mtime) are not decoded again (memo in ``cache_dir``).
     The report (bad_files.txt, data_check.json) is written before any error is raised, so the
     list the message points to exists.
     """
@@ -273,7 +292,10 @@ def check_data(data_cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
 
     if data_cfg.root is None or not Path(str(data_cfg.root)).expanduser().is_dir():
         raise SetupError(f"data.root='{data_cfg.root}' does not exist or is not a folder (data=folder needs it).")
-    report = check_image_tree(Path(str(data_cfg.root)).expanduser(), int(data_cfg.get("max_pixels", 89_478_485)))
+    root = Path(str(data_cfg.root)).expanduser().absolute()
+    memo_name = f"{hashlib.sha256(str(root).encode()).hexdigest()[:16]}.json"
+    memo = Path(str(cache_dir)).expanduser() / "data_checks" / memo_name
+    report = check_image_tree(root, int(data_cfg.get("max_pixels", 89_478_485)), memo=memo if cache_dir else None)
     report.write(out_dir)
     skip = apply_policy(report, str(data_cfg.get("on_bad_image", "skip")))
     if skip:
@@ -295,8 +317,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         log.info("resume=auto: %s is finished (summary.json present); skipping it", out_dir)
         return json.loads(finished.read_text())
     pl.seed_everything(int(cfg.seed), workers=True)
+    apply_tf32((cfg.get("speed") or {}).get("tf32", "auto"))
 
-    splits = load_splits(cfg.data, **check_data(cfg.data, out_dir))
+    splits = load_splits(cfg.data, **check_data(cfg.data, out_dir, cfg.cache.get("dir")))
     module = build_module(cfg, splits)
     (out_dir / "resolved_config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     if cfg.strategy.name == "linear_probe":

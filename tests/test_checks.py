@@ -256,6 +256,26 @@ def test_check_finds_every_problem(messy_tree: Path) -> None:
     assert any("test/dog/copy.jpg" in warning for warning in report.warnings())
 
 
+def test_memo_skips_unchanged_files_and_rechecks_changed_ones(messy_tree: Path, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    import finetune.data.checks as checks
+
+    memo = tmp_path / "memo.json"
+    first = check_image_tree(messy_tree, max_pixels=SMALL_LIMIT, memo=memo)
+    decoded: list[str] = []
+    decode = checks._decode_one
+    monkeypatch.setattr(checks, "_decode_one", lambda path, limit: decoded.append(path.name) or decode(path, limit))
+    again = check_image_tree(messy_tree, max_pixels=SMALL_LIMIT, memo=memo)
+    assert decoded == [] and again.to_dict() == first.to_dict()
+
+    _write(messy_tree / "train" / "dog" / "cut.jpg", (messy_tree / "train" / "dog" / "good.jpg").read_bytes())
+    fixed = check_image_tree(messy_tree, max_pixels=SMALL_LIMIT, memo=memo)
+    assert decoded == ["cut.jpg"]  # only the changed file is decoded again
+    assert "cut.jpg" not in {bad.path.name for bad in fixed.bad}
+    check_image_tree(messy_tree, max_pixels=SMALL_LIMIT * 2, memo=memo)  # another limit: all decoded anew
+    assert len(decoded) > 10
+
+
 def test_report_files(messy_tree: Path, tmp_path: Path) -> None:
     report = check_image_tree(messy_tree, max_pixels=SMALL_LIMIT)
     report.write(tmp_path / "run")

@@ -141,3 +141,23 @@ def test_every_backbone_trains_at_tiny_size(compose_cfg, backbone: str) -> None:
                                 "strategy.unfreeze_last=1", "data.image_size=32", "trainer.max_epochs=1",
                                 "logger=none", "+trainer.limit_train_batches=5", "+trainer.limit_val_batches=2"))
     assert summary["backbone"] == backbone and 0.0 <= summary["test"]["acc"] <= 1.0
+
+
+def test_tf32_switch_sets_torch_precision_and_refuses_other_values() -> None:
+    import torch
+
+    from finetune.errors import SetupError
+    from finetune.train import apply_tf32
+
+    before = torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision
+    try:
+        apply_tf32("false")
+        assert (torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision) == ("ieee",) * 2
+        apply_tf32(True)
+        assert (torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision) == ("tf32",) * 2
+        apply_tf32("auto")  # leaves the setting alone
+        assert torch.backends.cudnn.conv.fp32_precision == "tf32"
+        with pytest.raises(SetupError, match=r"speed\.tf32"):
+            apply_tf32("fast")
+    finally:
+        torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision = before

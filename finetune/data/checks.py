@@ -166,12 +166,15 @@ def check_image_tree(
     max_pixels: int = MAX_PIXELS,
     workers: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    memo: Path | None = None,
 ) -> CheckReport:
     """Decode every image under ``root`` once and report what would break or mislead a run.
 
     ``root`` holds ``train/`` (and optionally ``val/``, ``test/``) with one folder per class, or
     class folders directly. Decoding runs on ``workers`` threads (Pillow and hashlib release the
-    GIL); ``progress(done, total)`` is called after each file.
+    GIL); ``progress(done, total)`` is called after each file. With ``memo`` (a JSON file), files
+    whose size and modification time match an earlier check are not decoded again: every job of a
+    sweep over one dataset then pays for the decoding once.
     """
     root = Path(root).absolute()
     report = CheckReport(root=root, layout=_layout(root))
@@ -180,7 +183,11 @@ def check_image_tree(
         return report
     split_dirs = _split_dirs(root, report)
     files = _list_files(split_dirs, report)
-    results = _decode_all([path for paths in files.values() for path in paths], max_pixels, workers, progress)
+    paths = [path for paths in files.values() for path in paths]
+    known = _read_memo(memo, max_pixels, paths)
+    results = {**known, **_decode_all([p for p in paths if p not in known], max_pixels, workers, progress)}
+    if memo is not None and len(known) < len(paths):
+        _write_memo(memo, max_pixels, results)
     _tally(files, results, report)
     _compare_classes(report)
     report.duplicates = _duplicates(files, results)
@@ -311,6 +318,42 @@ def _decode_all(
             if progress is not None:
                 progress(len(results), len(paths))
     return results
+
+
+def _stamp(path: Path) -> list[int] | None:
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return [stat.st_size, stat.st_mtime_ns]
+
+
+def _read_memo(memo: Path | None, max_pixels: int, paths: Sequence[Path]) -> dict[Path, _FileResult]:
+    """Earlier results for files unchanged since (same size and mtime); a damaged memo counts as empty."""
+    if memo is None or not memo.is_file():
+        return {}
+    try:
+        saved = json.loads(memo.read_text(encoding="utf-8"))
+        if saved.get("max_pixels") != max_pixels:
+            return {}
+        entries = saved["files"]
+        known = {}
+        for path in paths:
+            entry = entries.get(str(path))
+            if entry is not None and entry[:2] == _stamp(path):
+                known[path] = _FileResult(path, entry[2], entry[3], entry[4])
+        return known
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+        return {}
+
+
+def _write_memo(memo: Path, max_pixels: int, results: dict[Path, _FileResult]) -> None:
+    files = {str(path): [*stamp, r.sha1, r.mode, r.error] for path, r in results.items()
+             if (stamp := _stamp(path)) is not None}
+    memo.parent.mkdir(parents=True, exist_ok=True)
+    temporary = memo.with_name(f"{memo.name}.{os.getpid()}.tmp")  # parallel sweep jobs: last rename wins
+    temporary.write_text(json.dumps({"max_pixels": max_pixels, "files": files}), encoding="utf-8")
+    temporary.replace(memo)
 
 
 def _decode_one(path: Path, max_pixels: int) -> _FileResult:
