@@ -118,6 +118,7 @@ class FinetuneModule(pl.LightningModule):
         self.train_hits: torch.Tensor | None = None  # correct train predictions this epoch
         self.train_loss_sum: torch.Tensor | None = None  # sum of per-sample train losses this epoch
         self.train_seen = 0
+        self.eval_sums: dict[str, tuple[torch.Tensor | None, int]] = {}  # val/test loss sums this epoch
         self._fingerprints: dict[tuple[str, ...], str] = {}
 
     @property
@@ -301,21 +302,37 @@ class FinetuneModule(pl.LightningModule):
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch
         logits = self(x)
-        self.log("val/loss", self.criterion(logits, y), on_epoch=True, batch_size=len(y), sync_dist=True)
+        self._add_eval_loss("val", logits, y)
         self.val_metrics.update(logits, y)
-        self.log_dict(self.val_metrics, on_epoch=True, prog_bar=True)
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch
         logits = self(x)
         if self.regularization.get("tta_hflip") and self.input_stage == 0 and x.ndim == 4:
             logits = (logits.softmax(1) + self(x.flip(-1)).softmax(1)).log()  # average of probabilities
-        self.log("test/loss", self.criterion(logits, y), on_epoch=True, batch_size=len(y), sync_dist=True)
+        self._add_eval_loss("test", logits, y)
         self.test_metrics.update(logits, y)
         self.test_confusion.update(logits, y)
-        self.log_dict(self.test_metrics, on_epoch=True)
+
+    def _add_eval_loss(self, split: str, logits: torch.Tensor, y: torch.Tensor) -> None:
+        """Summed on the device; logged once at epoch end (per-step self.log calls cost more than the step)."""
+        summed = self.criterion(logits, y).detach() * len(y)
+        total, seen = self.eval_sums.get(split, (None, 0))
+        self.eval_sums[split] = (summed if total is None else total + summed, seen + len(y))
+
+    def _log_eval(self, split: str, metrics: MetricCollection, prog_bar: bool) -> None:
+        total, seen = self.eval_sums.pop(split, (None, 0))
+        if total is None or not seen:
+            return
+        self.log(f"{split}/loss", total / seen, sync_dist=True)
+        self.log_dict(metrics.compute(), prog_bar=prog_bar)  # torchmetrics gathers every rank's state itself
+        metrics.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_eval("val", self.val_metrics, prog_bar=True)
 
     def on_test_epoch_end(self) -> None:
+        self._log_eval("test", self.test_metrics, prog_bar=False)
         self.confusion_matrix = self.test_confusion.compute().cpu()
         self.test_confusion.reset()
 
