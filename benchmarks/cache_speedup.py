@@ -150,11 +150,9 @@ def run_plain(root: Path, weights_file: Path, cfg: Any, device: torch.device, wo
                           drop_last=split == "train")  # as finetune's train loader (a batch of 1 breaks BN)
         for split in ("train", "val", "test")
     }
-    channels_last = device.type == "cuda"  # as finetune does (speed.channels_last=auto)
     backbone, width = headless_backbone(cfg.backbone.name, weights_file)
-    backbone = backbone.eval().requires_grad_(False).to(device)
-    if channels_last:
-        backbone = backbone.to(memory_format=torch.channels_last)
+    # channels_last, as finetune does (speed.channels_last=auto)
+    backbone = backbone.eval().requires_grad_(False).to(device).to(memory_format=torch.channels_last)
     head = nn.Linear(width, len(loaders["train"].dataset.classes)).to(device)
     optimizer = torch.optim.AdamW([
         {"params": [head.weight], "weight_decay": float(cfg.optimizer.weight_decay)},
@@ -169,9 +167,7 @@ def run_plain(root: Path, weights_file: Path, cfg: Any, device: torch.device, wo
     criterion = nn.CrossEntropyLoss()
 
     def features(x: torch.Tensor) -> torch.Tensor:
-        x = x.to(device, non_blocking=True)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         with torch.no_grad():
             return backbone(x)
 
@@ -219,9 +215,7 @@ def warm_up(name: str, weights_file: Path, size: int, batch_size: int, device: t
     """Pay one-time costs (CUDA context, cuDNN/oneDNN kernels for the batch shape) before any clock runs,
     so the first variant timed does not pay them for the others."""
     model, _ = headless_backbone(name, weights_file)
-    model = model.eval().to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    model = model.eval().to(device).to(memory_format=torch.channels_last)
     with torch.inference_mode():
         for _ in range(2):
             model(torch.zeros(batch_size, 3, size, size, device=device))

@@ -104,16 +104,17 @@ def decide_cache(cfg: DictConfig, frozen_prefix_len: int, augment: bool) -> tupl
     return True, ""
 
 
-def use_channels_last(cfg: DictConfig, inference: bool = False) -> bool:
-    """``auto``: channels_last for training on CUDA, and for the frozen-prefix extraction everywhere.
+def use_channels_last(cfg: DictConfig) -> bool:
+    """``auto``: channels_last, for training and for the frozen-prefix extraction alike, on CPU and CUDA.
 
-    Measured on CPU (BENCHMARKS.md): the inference forward is 1.2-1.4x faster in channels_last.
+    Measured (BENCHMARKS.md): 1.2-1.4x faster inference forward and ~5-10% faster training steps on a
+    CPU core, 1.5x for bf16 on an H200. Extraction and training must use the same layout: on CPU the
+    cached features are then bit-identical to what the uncached path computes (per-sample results do
+    not depend on the batch size there), so a cached run reproduces an uncached one exactly.
     """
     value = cfg.get("speed", {}).get("channels_last", "auto")
-    if value == "auto" and inference:
-        return True
     if value == "auto":
-        return torch.cuda.is_available() and str(cfg.trainer.get("accelerator")) != "cpu"
+        return True
     return bool(value)
 
 
@@ -170,7 +171,7 @@ def build_datamodule(
     return FeatureCacheDataModule(
         images, frozen_prefix(module.backbone, prefix_len), folder, meta, batch_size=int(cfg.data.batch_size),
         num_workers=resolve_num_workers(cfg.data.get("num_workers", "auto")), dtype=meta["dtype"],
-        train_views=views, channels_last=use_channels_last(cfg, inference=True),
+        train_views=views, channels_last=use_channels_last(cfg),
         balanced=bool(cfg.data.get("balanced_sampler", False)),
         extract_batch_size=cfg.cache.get("batch_size"),
     )
