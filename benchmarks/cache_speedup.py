@@ -32,7 +32,7 @@ from torchvision.transforms import v2
 
 from finetune import config_dir
 from finetune.backbones import family, preprocessing_for
-from finetune.data.datamodule import resolve_num_workers
+from finetune.data.datamodule import EpochSampler, resolve_num_workers
 from finetune.module import warmup_cosine
 from finetune.train import apply_tf32
 
@@ -125,8 +125,9 @@ def head_alone_peak(width: int, classes: int, batch_size: int, steps: int, devic
 
 def headless_backbone(name: str, weights_file: Path) -> tuple[nn.Module, int]:
     """torchvision's model with the ImageNet classifier replaced by the identity: pooled features out."""
-    model = torchvision.models.get_model(name, weights=None)
-    model.load_state_dict(torch.load(weights_file, map_location="cpu", weights_only=True))
+    with torch.device("meta"):  # no random init: the global RNG is left for the head, as in finetune
+        model = torchvision.models.get_model(name, weights=None)
+    model.load_state_dict(torch.load(weights_file, map_location="cpu", weights_only=True), assign=True)
     if family(name) == "resnet":
         width = model.fc.in_features
         model.fc = nn.Identity()
@@ -143,9 +144,13 @@ def run_plain(root: Path, weights_file: Path, cfg: Any, device: torch.device, wo
     prep = preprocessing_for(cfg.backbone.name).at_size(cfg.data.image_size)
     transform = v2.Compose([v2.Resize(prep.resize_size, antialias=True), v2.CenterCrop(prep.crop_size),
                             v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(prep.mean, prep.std)])
+    datasets = {split: torchvision.datasets.ImageFolder(str(root / split), transform=transform)
+                for split in ("train", "val", "test")}
+    # finetune's train order (drawn from seed and epoch, not the global RNG), so all three see the same batches
+    order = EpochSampler(len(datasets["train"]), int(cfg.seed))
     loaders = {
-        split: DataLoader(torchvision.datasets.ImageFolder(str(root / split), transform=transform),
-                          batch_size=int(cfg.data.batch_size), shuffle=split == "train", num_workers=workers,
+        split: DataLoader(datasets[split], batch_size=int(cfg.data.batch_size),
+                          sampler=order if split == "train" else None, num_workers=workers,
                           pin_memory=device.type == "cuda", persistent_workers=workers > 0,
                           drop_last=split == "train")  # as finetune's train loader (a batch of 1 breaks BN)
         for split in ("train", "val", "test")
@@ -181,7 +186,8 @@ def run_plain(root: Path, weights_file: Path, cfg: Any, device: torch.device, wo
         return correct / seen
 
     best_acc, best_head = -1.0, None
-    for _ in range(epochs):
+    for epoch in range(epochs):
+        order.set_epoch(epoch)
         head.train()
         for x, y in loaders["train"]:
             loss = criterion(head(features(x)), y.to(device, non_blocking=True))

@@ -205,8 +205,10 @@ class FeatureCacheDataModule(pl.LightningDataModule):
         channels_last: bool = False,
         balanced: bool = False,
         extract_batch_size: int | None = None,
+        seed: int = 0,
     ) -> None:
         super().__init__()
+        self.seed = int(seed)
         self.extract_batch_size = int(extract_batch_size or batch_size)
         self.balanced = balanced
         self.images = images
@@ -272,14 +274,14 @@ class FeatureCacheDataModule(pl.LightningDataModule):
         self.prepare(rank, world, strategy, self._device())
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        from finetune.data.datamodule import balanced_sampler
-        from finetune.data.datasets import dataset_labels
+        from finetune.data.datamodule import private_generator, train_sampler
 
         dataset = self.datasets[split]
-        sampler = balanced_sampler(dataset_labels(dataset)) if shuffle and self.balanced else None
-        # same batches as the image path: drop a short last train batch there and here
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
-                          num_workers=0, pin_memory=torch.cuda.is_available(), collate_fn=keep_batch,
+        # same batches as the image path: same sampler, and a short last train batch dropped there and here
+        return DataLoader(dataset, batch_size=self.batch_size,
+                          sampler=train_sampler(dataset, self.seed, self.balanced) if shuffle else None,
+                          generator=private_generator(self.seed), num_workers=0,
+                          pin_memory=torch.cuda.is_available(), collate_fn=keep_batch,
                           drop_last=shuffle and len(dataset) > self.batch_size)
 
     def train_dataloader(self) -> DataLoader:

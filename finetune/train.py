@@ -153,7 +153,7 @@ def build_datamodule(
     if not cached:
         return ImageDataModule(images["train"], images["val"], images["test"], batch_size=cfg.data.batch_size,
                                num_workers=cfg.data.get("num_workers", "auto"),
-                               balanced=bool(cfg.data.get("balanced_sampler", False)))
+                               balanced=bool(cfg.data.get("balanced_sampler", False)), seed=int(cfg.seed))
     views = max(1, int(cfg.cache.get("views", 0))) if augment else 1
     meta = {
         "backbone": cfg.backbone.name,
@@ -173,7 +173,7 @@ def build_datamodule(
         num_workers=resolve_num_workers(cfg.data.get("num_workers", "auto")), dtype=meta["dtype"],
         train_views=views, channels_last=use_channels_last(cfg),
         balanced=bool(cfg.data.get("balanced_sampler", False)),
-        extract_batch_size=cfg.cache.get("batch_size"),
+        extract_batch_size=cfg.cache.get("batch_size"), seed=int(cfg.seed),
     )
 
 

@@ -28,7 +28,8 @@ def test_cached_run_equals_uncached_run_and_is_reused(compose_cfg) -> None:
     assert again["wall_seconds"]["feature_extraction"] < 0.05  # nothing extracted the second time
 
     cached_head = torch.load(cached["best_checkpoint"], map_location="cpu", weights_only=True)["state_dict"]
-    uncached = train(compose_cfg(*TINY, "strategy=feature_extractor", "cache.enabled=false"))
+    # a persistent loader worker on the image path: the batches must not depend on it
+    uncached = train(compose_cfg(*TINY, "strategy=feature_extractor", "cache.enabled=false", "data.num_workers=1"))
     assert uncached["feature_cache"] is None
     # Extraction uses the training path's layout, so on CPU the features, and so the whole run, are identical.
     assert uncached["test"] == cached["test"] == again["test"]

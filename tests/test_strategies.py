@@ -111,3 +111,19 @@ def test_backbone_lr_is_ratio_of_head_lr() -> None:
 def test_unfreeze_last_out_of_range_is_a_clear_error() -> None:
     with pytest.raises(SetupError, match=r"1\.\.5"):
         trainable_stages(["stem", "layer1", "layer2", "layer3", "layer4"], "partial_unfreeze", 9)
+
+
+def test_train_order_comes_from_seed_and_epoch_not_the_global_rng() -> None:
+    import torch
+
+    from finetune.data.datamodule import EpochSampler, balanced_sampler
+
+    a, b = EpochSampler(50, seed=3), EpochSampler(50, seed=3)
+    torch.rand(10)  # global RNG use in between changes nothing
+    assert list(a) == list(b) and sorted(a) == list(range(50))
+    b.set_epoch(1)
+    assert list(a) != list(b)
+    a.set_epoch(1)
+    assert list(a) == list(b) and list(EpochSampler(50, seed=4)) != list(EpochSampler(50, seed=3))
+    drawn = list(balanced_sampler([0] * 45 + [1] * 5, seed=0))  # with replacement, classes equally often
+    assert len(drawn) == 50 and 15 < sum(i >= 45 for i in drawn) < 35

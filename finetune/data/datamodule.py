@@ -8,7 +8,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 
 def resolve_num_workers(value: Any) -> int:
@@ -19,13 +19,55 @@ def resolve_num_workers(value: Any) -> int:
     return int(value)
 
 
-def balanced_sampler(labels: list[int]) -> WeightedRandomSampler:
+class EpochSampler(Sampler[int]):
+    """Train order drawn from (seed, epoch) alone, never from the global RNG.
+
+    With the global RNG, how many numbers the loaders draw (one per iterator, and persistent
+    workers create fewer iterators) decided the shuffle of later epochs, so a cached run and an
+    uncached one, or runs with different ``num_workers``, saw different batches. Lightning calls
+    ``set_epoch`` at the start of every epoch, also after a resume. ``weights``: draw with
+    replacement in proportion to them (class balancing) instead of permuting.
+    """
+
+    def __init__(self, size: int, seed: int, weights: torch.Tensor | None = None) -> None:
+        self.size = int(size)
+        self.seed = int(seed)
+        self.weights = weights
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self):  # type: ignore[override]
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        if self.weights is None:
+            order = torch.randperm(self.size, generator=generator)
+        else:
+            order = torch.multinomial(self.weights, self.size, replacement=True, generator=generator)
+        return iter(order.tolist())
+
+
+def balanced_sampler(labels: list[int], seed: int = 0) -> EpochSampler:
     """Draws every class equally often (weights = 1 / class count), with replacement."""
     counts: dict[int, int] = {}
     for y in labels:
         counts[y] = counts.get(y, 0) + 1
     weights = torch.tensor([1.0 / counts[y] for y in labels], dtype=torch.double)
-    return WeightedRandomSampler(weights, num_samples=len(labels), replacement=True)
+    return EpochSampler(len(labels), seed, weights)
+
+
+def train_sampler(dataset: Dataset, seed: int, balanced: bool) -> EpochSampler:
+    from finetune.data.datasets import dataset_labels
+
+    return balanced_sampler(dataset_labels(dataset), seed) if balanced else EpochSampler(len(dataset), seed)
+
+
+def private_generator(seed: int) -> torch.Generator:
+    """For a DataLoader's worker base seeds: creating iterators then leaves the global RNG alone."""
+    return torch.Generator().manual_seed(int(seed))
 
 
 class Transformed(Dataset):
@@ -55,23 +97,22 @@ class ImageDataModule(pl.LightningDataModule):
         num_workers: Any = "auto",
         pin_memory: bool | None = None,
         balanced: bool = False,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         self.train_set, self.val_set, self.test_set = train, val, test
         self.balanced = balanced
+        self.seed = int(seed)
         self.batch_size = int(batch_size)
         self.num_workers = resolve_num_workers(num_workers)
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
 
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
-        from finetune.data.datasets import dataset_labels
-
-        sampler = balanced_sampler(dataset_labels(dataset)) if shuffle and self.balanced else None
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle and sampler is None,
-            sampler=sampler,
+            sampler=train_sampler(dataset, self.seed, self.balanced) if shuffle else None,
+            generator=private_generator(self.seed),
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
