@@ -72,7 +72,7 @@ def main() -> None:
     variants = {  # name: (batch, channels_last weights, channels_last input)
         "cache extraction (auto: channels_last, batch 128)": (128, True, True),
         "cache extraction, NCHW, batch 128": (128, False, False),
-        "uncached path on CUDA (channels_last weights, NCHW input, batch 32)": (32, True, False),
+        "uncached path (channels_last weights, NCHW input, batch 32)": (32, True, False),
         "uncached, NCHW, batch 32": (32, False, False),
     }
     tf32_default = torch.backends.cudnn.allow_tf32
@@ -93,7 +93,7 @@ def main() -> None:
         names = list(variants)
         between = (got[names[0]] - got[names[2]]).norm()
         results[f"cache vs uncached | tf32={tf32}"] = {"rel_to_spread": float(between / spread)}
-        print(f"{'-> cache extraction vs uncached path, CUDA defaults':<72}{'on' if tf32 else 'off':>6}"
+        print(f"{'-> cache extraction vs uncached path, as configured':<72}{'on' if tf32 else 'off':>6}"
               f"{'':>14}{float(between / spread):>16.2e}")
     torch.backends.cudnn.allow_tf32 = tf32_default
     harness.write_json(args.json, {"benchmark": "cache_fidelity", "machine": machine, "settings": vars(args) | {

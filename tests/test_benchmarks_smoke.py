@@ -34,3 +34,18 @@ def test_quick_mode_prints_ratios(script: str, tmp_path: Path) -> None:
     result = json.loads(result_file.read_text())
     assert result["machine"]["torch"] and result["ratios"]
     assert all(isinstance(v, float) for v in result["ratios"].values())
+
+
+@pytest.mark.slow
+def test_cache_fidelity_quick_mode_finds_cpu_features_identical(tmp_path: Path) -> None:
+    result_file = tmp_path / "result.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MPLBACKEND": "Agg"}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "cache_fidelity.py"), "--quick", "--device", "cpu", "--json",
+         str(result_file)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    results = json.loads(result_file.read_text())["results"]
+    assert all(0 <= row["rel_to_spread"] < 1e-4 for row in results.values())
+    # on CPU the cache's extraction and the uncached training path compute the very same features
+    assert results["cache vs uncached | tf32=False"]["rel_to_spread"] == 0.0
