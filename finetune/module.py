@@ -120,6 +120,8 @@ class FinetuneModule(pl.LightningModule):
         self.train_seen = 0
         self.eval_sums: dict[str, tuple[torch.Tensor | None, int]] = {}  # val/test loss sums this epoch
         self._fingerprints: dict[tuple[str, ...], str] = {}
+        if self.omitted_stages:  # now, as the source gave them: later the module may be cast (bf16-true)
+            self.frozen_fingerprint(self.omitted_stages)
 
     @property
     def ever_trainable(self) -> list[str]:
@@ -146,7 +148,7 @@ class FinetuneModule(pl.LightningModule):
         """Tensors of frozen ``stages`` under their module keys, whether attached or held."""
         held = self.held.stages if self.held is not None else {}
         return {f"backbone.stages.{name}.{key}": value for name in stages
-                for key, value in (held.get(name) or self.backbone.stages[name]).state_dict().items()}
+                for key, value in (held[name] if name in held else self.backbone.stages[name]).state_dict().items()}
 
     def frozen_fingerprint(self, stages: list[str]) -> str:
         """Fingerprint of frozen stages (computed once: they do not change during a run)."""
@@ -273,7 +275,7 @@ class FinetuneModule(pl.LightningModule):
         # when a logger writes this step or a progress bar shows it: a self.log call costs more than a
         # whole optimizer step of a head on cached features.
         hits = (logits.argmax(1) == y).sum().detach()
-        summed = loss.detach() * len(y)
+        summed = loss.detach().float() * len(y)  # float32 sums, also under bf16/16-true
         first = self.train_hits is None
         self.train_hits = hits if first else self.train_hits + hits
         self.train_loss_sum = summed if first else self.train_loss_sum + summed
@@ -316,7 +318,7 @@ class FinetuneModule(pl.LightningModule):
 
     def _add_eval_loss(self, split: str, logits: torch.Tensor, y: torch.Tensor) -> None:
         """Summed on the device; logged once at epoch end (per-step self.log calls cost more than the step)."""
-        summed = self.criterion(logits, y).detach() * len(y)
+        summed = self.criterion(logits, y).detach().float() * len(y)
         total, seen = self.eval_sums.get(split, (None, 0))
         self.eval_sums[split] = (summed if total is None else total + summed, seen + len(y))
 

@@ -20,7 +20,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from finetune.backbones import Preprocessing, preprocessing_for
+from finetune.backbones import Preprocessing, preprocessing_for, weights_source
 from finetune.data.datamodule import ImageDataModule, Transformed, resolve_num_workers
 from finetune.data.datasets import Splits, class_counts, load_splits
 from finetune.data.transforms import describe, eval_transform, train_transform
@@ -50,7 +50,7 @@ def build_module(cfg: DictConfig, splits: Splits) -> FinetuneModule:
     return FinetuneModule(
         backbone=cfg.backbone.name,
         num_classes=splits.num_classes,
-        weights=str(cfg.backbone.weights) if cfg.backbone.weights is not None else "none",
+        weights=resolved_weights(cfg.backbone.weights),
         strategy=cfg.strategy.name,
         unfreeze_last=cfg.strategy.get("unfreeze_last"),
         backbone_lr_ratio=float(cfg.strategy.backbone_lr_ratio),
@@ -67,6 +67,14 @@ def build_module(cfg: DictConfig, splits: Splits) -> FinetuneModule:
         regularization=OmegaConf.to_container(cfg.get("regularization") or {}, resolve=True),
         checkpoint_frozen_stages=str(cfg.get("checkpoint_frozen_stages", "reference")),
     )
+
+
+def resolved_weights(weights: Any) -> str:
+    """'imagenet', 'none', or the weights file as an absolute path: checkpoints rebuild frozen stages from
+    it, from whatever directory they are loaded."""
+    if weights is None or weights_source(str(weights)) != "file":
+        return "none" if weights is None else str(weights)
+    return str(Path(str(weights)).expanduser().resolve())
 
 
 def resolve_class_weights(value: Any, splits: Splits) -> list[float] | None:
@@ -119,21 +127,24 @@ def use_channels_last(cfg: DictConfig) -> bool:
 
 
 def apply_tf32(value: Any) -> None:
-    """``speed.tf32``: auto keeps PyTorch's defaults (cuDNN convolutions in TF32, matmuls in full fp32).
+    """``speed.tf32``: auto = PyTorch's defaults (cuDNN convolutions in TF32, matmuls in full fp32).
 
     true: convolutions and matmuls in TF32 (faster on Ampere and later); false: both in full fp32
-    (bit-for-bit closer results, e.g. cached vs uncached features; see BENCHMARKS.md, cache fidelity).
+    (closer results, e.g. cached vs uncached features; BENCHMARKS.md, cache fidelity). Set for the
+    whole process, so every run applies its own (also ``auto``: a sweep's jobs do not inherit).
+    Through the API Lightning itself reads (``get_float32_matmul_precision``): torch refuses a mix
+    of that and the newer ``fp32_precision`` attributes.
     """
     if value in (None, "auto"):
-        return
-    if value not in (True, False, "true", "false"):
+        conv, matmul = True, "highest"
+    elif value in (True, "true"):
+        conv, matmul = True, "high"
+    elif value in (False, "false"):
+        conv, matmul = False, "highest"
+    else:
         raise SetupError(f"speed.tf32={value} must be auto, true or false.")
-    precision = "tf32" if value in (True, "true") else "ieee"
-    if hasattr(torch.backends.cudnn, "conv") and hasattr(torch.backends.cuda.matmul, "fp32_precision"):
-        torch.backends.cudnn.conv.fp32_precision = precision
-        torch.backends.cuda.matmul.fp32_precision = precision
-    else:  # torch < 2.9
-        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+    torch.backends.cudnn.allow_tf32 = conv
+    torch.set_float32_matmul_precision(matmul)
 
 
 def build_datamodule(

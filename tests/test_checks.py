@@ -276,6 +276,33 @@ def test_memo_skips_unchanged_files_and_rechecks_changed_ones(messy_tree: Path, 
     assert len(decoded) > 10
 
 
+def test_memo_forgets_unreadable_files_and_files_changing_during_the_check(
+        messy_tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import finetune.data.checks as checks
+
+    memo = tmp_path / "memo.json"
+    decode = checks._decode_one
+    good = messy_tree / "train" / "dog" / "good.jpg"
+    cat = next((messy_tree / "train" / "cat").glob("*.jpg"))
+
+    def flaky(path: Path, limit: int) -> checks._FileResult:
+        if path == good:  # an I/O error of the moment, not a property of the file
+            return checks._FileResult(path, "", None, f"{checks.CANNOT_READ}: Input/output error")
+        if path == cat:  # still being written while the check reads it
+            path.write_bytes(path.read_bytes())
+            import os
+            os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+        return decode(path, limit)
+
+    monkeypatch.setattr(checks, "_decode_one", flaky)
+    check_image_tree(messy_tree, max_pixels=SMALL_LIMIT, memo=memo)
+    decoded: list[Path] = []
+    monkeypatch.setattr(checks, "_decode_one", lambda path, limit: decoded.append(path) or decode(path, limit))
+    report = check_image_tree(messy_tree, max_pixels=SMALL_LIMIT, memo=memo)
+    assert set(decoded) == {good, cat}  # neither was remembered
+    assert good not in report.bad_files()
+
+
 def test_report_files(messy_tree: Path, tmp_path: Path) -> None:
     report = check_image_tree(messy_tree, max_pixels=SMALL_LIMIT)
     report.write(tmp_path / "run")

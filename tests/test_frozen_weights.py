@@ -119,3 +119,17 @@ def test_resume_and_ema_fill_left_out_stages_when_the_prefix_is_attached(compose
     ema = run(compose_cfg, tmp_path / "ema", *common, "regularization.ema_decay=0.5")
     saved = json.loads((tmp_path / "ema" / "summary.json").read_text())
     assert saved["test"] == ema["test"] and load_module(ema["best_checkpoint"]) is not None
+
+
+def test_bf16_true_runs_and_relative_weights_paths_load_anywhere(compose_cfg, tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    write_weights(tmp_path / "frozen.pth", seed=1)
+    summary = run(compose_cfg, tmp_path / "bf16", "backbone.weights=frozen.pth", "strategy=partial_unfreeze",
+                  "strategy.unfreeze_last=1", "cache.enabled=false", "trainer.precision=bf16-true",
+                  "trainer.max_epochs=1")
+    assert checkpoint(summary)[RECORD_KEY]["weights"] == str(tmp_path / "frozen.pth")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    module = load_module(Path(summary["run_dir"]) / "checkpoints" / "last.ckpt")  # fingerprint as built, not bf16
+    assert module(torch.randn(1, 3, 32, 32)).shape == (1, 10)

@@ -149,15 +149,18 @@ def test_tf32_switch_sets_torch_precision_and_refuses_other_values() -> None:
     from finetune.errors import SetupError
     from finetune.train import apply_tf32
 
-    before = torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision
+    def state() -> tuple[bool, str]:
+        # Lightning reads get_float32_matmul_precision() on CUDA set-up: it must not raise afterwards
+        return torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision()
+
     try:
         apply_tf32("false")
-        assert (torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision) == ("ieee",) * 2
+        assert state() == (False, "highest")
         apply_tf32(True)
-        assert (torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision) == ("tf32",) * 2
-        apply_tf32("auto")  # leaves the setting alone
-        assert torch.backends.cudnn.conv.fp32_precision == "tf32"
+        assert state() == (True, "high")
+        apply_tf32("auto")  # PyTorch's defaults again: a later job of a sweep does not inherit
+        assert state() == (True, "highest")
         with pytest.raises(SetupError, match=r"speed\.tf32"):
             apply_tf32("fast")
     finally:
-        torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision = before
+        apply_tf32("auto")

@@ -28,6 +28,7 @@ SPLITS = ("train", "val", "test")
 FLAT = "all"  # split name used for a flat root/<class>/ tree, which the dataset splits itself
 ON_BAD_IMAGE = ("skip", "error")
 SHOWN = 5  # how many paths a one-paragraph message names before saying "and N more"
+CANNOT_READ = "cannot read file"
 
 
 @dataclass(frozen=True)
@@ -185,9 +186,11 @@ def check_image_tree(
     files = _list_files(split_dirs, report)
     paths = [path for paths in files.values() for path in paths]
     known = _read_memo(memo, max_pixels, paths)
-    results = {**known, **_decode_all([p for p in paths if p not in known], max_pixels, workers, progress)}
-    if memo is not None and len(known) < len(paths):
-        _write_memo(memo, max_pixels, results)
+    todo = [p for p in paths if p not in known]
+    stamps = {path: _stamp(path) for path in todo} if memo is not None else {}  # before reading, not after
+    results = {**known, **_decode_all(todo, max_pixels, workers, progress)}
+    if memo is not None and todo:
+        _write_memo(memo, max_pixels, results, stamps)
     _tally(files, results, report)
     _compare_classes(report)
     report.duplicates = _duplicates(files, results)
@@ -347,9 +350,16 @@ def _read_memo(memo: Path | None, max_pixels: int, paths: Sequence[Path]) -> dic
         return {}
 
 
-def _write_memo(memo: Path, max_pixels: int, results: dict[Path, _FileResult]) -> None:
-    files = {str(path): [*stamp, r.sha1, r.mode, r.error] for path, r in results.items()
-             if (stamp := _stamp(path)) is not None}
+def _write_memo(memo: Path, max_pixels: int, results: dict[Path, _FileResult],
+                stamps: dict[Path, list[int] | None]) -> None:
+    """Remember results of files that did not change while they were checked. A file that could not be
+    read at all (permissions, I/O) is not remembered: that is the environment, not the file."""
+    files = {}
+    for path, result in results.items():
+        before = stamps.get(path) or _stamp(path)  # files known from the memo were checked unchanged
+        if before is None or before != _stamp(path) or (result.error or "").startswith(CANNOT_READ):
+            continue
+        files[str(path)] = [*before, result.sha1, result.mode, result.error]
     memo.parent.mkdir(parents=True, exist_ok=True)
     temporary = memo.with_name(f"{memo.name}.{os.getpid()}.tmp")  # parallel sweep jobs: last rename wins
     temporary.write_text(json.dumps({"max_pixels": max_pixels, "files": files}), encoding="utf-8")
@@ -361,7 +371,7 @@ def _decode_one(path: Path, max_pixels: int) -> _FileResult:
     try:
         data = path.read_bytes()
     except OSError as error:
-        return _FileResult(path, "", None, f"cannot read file: {error.strerror or error}")
+        return _FileResult(path, "", None, f"{CANNOT_READ}: {error.strerror or error}")
     sha1 = hashlib.sha1(data).hexdigest()
     try:
         _, mode = decode_rgb(data, path, max_pixels)
