@@ -24,6 +24,7 @@ from sklearn.preprocessing import StandardScaler
 from finetune.errors import SetupError
 from finetune.features import FeatureCacheDataModule
 from finetune.module import FinetuneModule
+from finetune.run_outputs import write_atomic
 from finetune.summary import device_name, make_summary, write_run_files
 
 
@@ -106,8 +107,10 @@ def run_linear_probe(cfg: DictConfig, splits: Any, module: FinetuneModule, datam
     fold_into_head(module, scaler, clf)
     ckpt = out_dir / "checkpoints" / "best.ckpt"
     ckpt.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
-                "pytorch-lightning_version": pl.__version__}, ckpt)
+    checkpoint = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
+                  "pytorch-lightning_version": pl.__version__}
+    module.on_save_checkpoint(checkpoint)  # frozen stages as in every run's checkpoints (checkpoint_frozen_stages)
+    write_atomic(ckpt, lambda f: torch.save(checkpoint, f))
     summary = make_summary(
         cfg, splits, module, out_dir, augment=augment, feature_cache=str(datamodule.folder),
         epochs_run=0, global_steps=0,

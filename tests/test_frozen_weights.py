@@ -133,3 +133,12 @@ def test_bf16_true_runs_and_relative_weights_paths_load_anywhere(compose_cfg, tm
     monkeypatch.chdir(elsewhere)
     module = load_module(Path(summary["run_dir"]) / "checkpoints" / "last.ckpt")  # fingerprint as built, not bf16
     assert module(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+
+
+def test_linear_probe_checkpoint_references_frozen_stages_too(compose_cfg, tmp_path) -> None:
+    weights = write_weights(tmp_path / "frozen.pth", seed=1)
+    summary = run(compose_cfg, tmp_path / "probe", f"backbone.weights={weights}", "strategy=linear_probe",
+                  "strategy.c_num=2")
+    saved = torch.load(summary["best_checkpoint"], map_location="cpu", weights_only=True)
+    assert set(saved["state_dict"]) == {"head.1.weight", "head.1.bias"} and RECORD_KEY in saved
+    assert load_module(summary["best_checkpoint"])(torch.randn(1, 3, 32, 32)).shape == (1, 10)
