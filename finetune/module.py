@@ -297,9 +297,11 @@ class FinetuneModule(pl.LightningModule):
 
     def on_train_epoch_end(self) -> None:
         if self.train_hits is not None and self.train_loss_sum is not None and self.train_seen:
+            # averaged over DDP ranks (once per epoch, so the sync costs nothing worth counting)
             self.log("train/loss_epoch", self.train_loss_sum / self.train_seen, on_step=False, on_epoch=True,
-                     prog_bar=True)
-            self.log("train/acc", self.train_hits.float() / self.train_seen, on_step=False, on_epoch=True)
+                     prog_bar=True, sync_dist=True)
+            self.log("train/acc", self.train_hits.float() / self.train_seen, on_step=False, on_epoch=True,
+                     sync_dist=True)
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch

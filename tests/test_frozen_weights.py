@@ -142,3 +142,11 @@ def test_linear_probe_checkpoint_references_frozen_stages_too(compose_cfg, tmp_p
     saved = torch.load(summary["best_checkpoint"], map_location="cpu", weights_only=True)
     assert set(saved["state_dict"]) == {"head.1.weight", "head.1.bias"} and RECORD_KEY in saved
     assert load_module(summary["best_checkpoint"])(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+
+
+def test_epoch_sums_stay_float32_under_bf16_weights() -> None:
+    module = FinetuneModule("resnet18", num_classes=3, weights="none", input_stage=5).to(torch.bfloat16)
+    module.on_train_epoch_start()
+    for _ in range(3):
+        module.training_step((torch.randn(8, 512, dtype=torch.bfloat16), torch.randint(3, (8,))), 0)
+    assert module.train_loss_sum.dtype == torch.float32 and module.train_seen == 24
