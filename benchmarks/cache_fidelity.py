@@ -49,11 +49,9 @@ def features(prefix: torch.nn.Module, x: torch.Tensor, batch_size: int, device: 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     harness.add_common_args(parser)
-    parser.add_argument("--backbone", default="resnet18")
-    parser.add_argument("--image-size", type=int, default=224)
+    harness.add_model_data_args(parser, image_size=224)
     parser.add_argument("--count", type=int, default=512)
     parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--data", default=None, help="the CIFAR-10 subset .npz (default: ../shared/data)")
     args = parser.parse_args()
     if args.quick:
         args.image_size, args.count = 32, 16

@@ -241,15 +241,13 @@ def warm_up(name: str, weights_file: Path, size: int, batch_size: int, device: t
 def parse_args() -> tuple[argparse.Namespace, torch.device]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     harness.add_common_args(parser)
-    parser.add_argument("--backbone", default="resnet18")
-    parser.add_argument("--image-size", type=int, default=64)
+    harness.add_model_data_args(parser, image_size=64)
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--num-workers", type=int, default=None, help="loader workers (default: finetune's auto)")
     parser.add_argument("--weights", choices=("none", "imagenet"), default="none",
                         help="frozen weights: seeded random init (default, offline) or ImageNet (needs them cached)")
     parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--data", type=Path, default=None, help="the CIFAR-10 subset .npz (default: ../shared/data)")
     parser.add_argument("--per-class", type=int, default=None, help="use only the first N train images per class")
     parser.add_argument("--stored-size", type=int, default=None, metavar="PX",
                         help="store the images upscaled to PX x PX (default: as they come, 32 px for CIFAR)")

@@ -184,16 +184,14 @@ def run_plain(model: FinetuneModule, cfg: Any, data: TensorDataset, marks: tuple
 def parse_args() -> tuple[argparse.Namespace, torch.device]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     harness.add_common_args(parser)
-    parser.add_argument("--backbone", default="resnet18")
+    harness.add_model_data_args(parser, image_size=64)
     parser.add_argument("--strategy", default="full_finetune",
                         choices=("full_finetune", "partial_unfreeze", "feature_extractor"))
-    parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=50, help="timed steps per run")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps at the start of every run")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each variant, interleaved")
     parser.add_argument("--precision", default="32-true", choices=("32-true", "bf16-mixed"))
-    parser.add_argument("--data", type=Path, default=None, help="the CIFAR-10 subset .npz (default: ../shared/data)")
     args = parser.parse_args()
     if args.quick:
         args.image_size, args.batch_size, args.steps, args.warmup, args.repeats = 32, 4, 3, 1, 1

@@ -178,6 +178,13 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
                         help="keep glibc's malloc behaviour (default: re-run with memory kept between steps)")
 
 
+def add_model_data_args(parser: argparse.ArgumentParser, image_size: int) -> None:
+    """--backbone, --image-size and --data, the same in every script that runs a backbone on images."""
+    parser.add_argument("--backbone", default="resnet18")
+    parser.add_argument("--image-size", type=int, default=image_size)
+    parser.add_argument("--data", type=Path, default=None, help="the CIFAR-10 subset .npz (default: ../shared/data)")
+
+
 def resolve_device(parser: argparse.ArgumentParser, args: argparse.Namespace) -> torch.device:
     """The device to measure on; also applies --threads and the malloc settings, so describe() reports them."""
     steady_malloc(args)

@@ -32,14 +32,10 @@ def load_module(path: str | Path) -> FinetuneModule:
     path = Path(path).expanduser()
     checkpoint = read_checkpoint(path)
     hparams = checkpoint_hparams(checkpoint, path)
-    record = checkpoint.get(RECORD_KEY)
-    module = build_module(hparams, path, record)
-    state = strip_compiled(checkpoint["state_dict"])
-    if record:  # frozen stages left out: fill them from the rebuilt backbone (fingerprint checked)
-        completed = {"state_dict": state, RECORD_KEY: record}
-        module.complete_checkpoint(completed, f"'{path}'")
-        state = completed["state_dict"]
-    load_weights(module, state, path)
+    module = build_module(hparams, path, checkpoint.get(RECORD_KEY))
+    checkpoint["state_dict"] = strip_compiled(checkpoint["state_dict"])
+    module.complete_checkpoint(checkpoint, f"'{path}'")  # left-out frozen stages, fingerprint checked
+    load_weights(module, checkpoint["state_dict"], path)
     module.input_stage = 0  # a run on cached features saved a module fed by the prefix's outputs
     return module.eval()
 

@@ -89,15 +89,14 @@ class HeldStages:
     def __deepcopy__(self, memo: dict[int, Any]) -> HeldStages:
         return self
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """Their tensors under the keys they have inside the module."""
-        return {f"backbone.stages.{name}.{key}": value for name, stage in self.stages.items()
-                for key, value in stage.state_dict().items()}
-
     def load(self, state: Mapping[str, torch.Tensor]) -> None:
         """Load tensors (module keys) into the held stages; every held tensor must be given."""
         for name, stage in self.stages.items():
             prefix = f"backbone.stages.{name}."
-            own = {k.removeprefix(COMPILED_PREFIX)[len(prefix):]: v for k, v in state.items()
-                   if k.removeprefix(COMPILED_PREFIX).startswith(prefix)}
-            stage.load_state_dict(own, strict=True)
+            stage.load_state_dict({k.removeprefix(COMPILED_PREFIX).removeprefix(prefix): v
+                                   for k, v in state.items() if stage_of(k, [name])}, strict=True)
+
+
+def weight_dicts(checkpoint: dict[str, Any]) -> list[dict[str, Any]]:
+    """The checkpoint's state dicts: ``state_dict`` and, with Lightning's EMA, ``current_model_state``."""
+    return [state for key in ("state_dict", "current_model_state") if isinstance(state := checkpoint.get(key), dict)]

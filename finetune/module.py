@@ -13,7 +13,15 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 
 from finetune.backbones import build_backbone, weights_source
 from finetune.errors import SetupError
-from finetune.frozen_weights import MODES, RECORD_KEY, DetachedStage, HeldStages, fingerprint, pop_stages
+from finetune.frozen_weights import (
+    MODES,
+    RECORD_KEY,
+    DetachedStage,
+    HeldStages,
+    fingerprint,
+    pop_stages,
+    weight_dicts,
+)
 from finetune.strategies import freeze_stages, param_groups, trainable_at, unfreeze_schedule
 
 
@@ -183,14 +191,11 @@ class FinetuneModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Leave rebuildable frozen stages out (recording source + fingerprint); put held ones in otherwise."""
         omitted = self.omitted_stages
-        for key in ("state_dict", "current_model_state"):  # the latter: Lightning's EMA raw weights
-            state = checkpoint.get(key)
-            if not isinstance(state, dict):
-                continue
+        for state in weight_dicts(checkpoint):
             if omitted:
                 pop_stages(state, omitted)
             elif self.held is not None:
-                state.update(self.held.state_dict())
+                state.update(self.frozen_state(list(self.held.stages)))
         if omitted:
             checkpoint[RECORD_KEY] = {"stages": omitted, "weights": str(self.hparams.get("weights")),
                                       "fingerprint": self.frozen_fingerprint(omitted)}
@@ -215,10 +220,7 @@ class FinetuneModule(pl.LightningModule):
                     f"changed or replaced. Restore the weights it was trained with; runs with "
                     f"checkpoint_frozen_stages=store keep frozen stages inside their checkpoints."
                 )
-        for key in ("state_dict", "current_model_state"):
-            state = checkpoint.get(key)
-            if not isinstance(state, dict):
-                continue
+        for state in weight_dicts(checkpoint):
             if self.held is not None:
                 taken = pop_stages(state, self.held.stages)
                 if taken:

@@ -185,12 +185,12 @@ def check_image_tree(
     split_dirs = _split_dirs(root, report)
     files = _list_files(split_dirs, report)
     paths = [path for paths in files.values() for path in paths]
-    known = _read_memo(memo, max_pixels, paths)
+    stamps = {path: _stamp(path) for path in paths} if memo is not None else {}  # before reading, not after
+    known = _read_memo(memo, max_pixels, stamps)
     todo = [p for p in paths if p not in known]
-    stamps = {path: _stamp(path) for path in todo} if memo is not None else {}  # before reading, not after
     results = {**known, **_decode_all(todo, max_pixels, workers, progress)}
     if memo is not None and todo:
-        _write_memo(memo, max_pixels, results, stamps)
+        _write_memo(memo, max_pixels, results, stamps, changed=_changed_since(todo, stamps))
     _tally(files, results, report)
     _compare_classes(report)
     report.duplicates = _duplicates(files, results)
@@ -331,7 +331,7 @@ def _stamp(path: Path) -> list[int] | None:
     return [stat.st_size, stat.st_mtime_ns]
 
 
-def _read_memo(memo: Path | None, max_pixels: int, paths: Sequence[Path]) -> dict[Path, _FileResult]:
+def _read_memo(memo: Path | None, max_pixels: int, stamps: dict[Path, list[int] | None]) -> dict[Path, _FileResult]:
     """Earlier results for files unchanged since (same size and mtime); a damaged memo counts as empty."""
     if memo is None or not memo.is_file():
         return {}
@@ -341,25 +341,30 @@ def _read_memo(memo: Path | None, max_pixels: int, paths: Sequence[Path]) -> dic
             return {}
         entries = saved["files"]
         known = {}
-        for path in paths:
+        for path, stamp in stamps.items():
             entry = entries.get(str(path))
-            if entry is not None and entry[:2] == _stamp(path):
+            if entry is not None and stamp is not None and entry[:2] == stamp:
                 known[path] = _FileResult(path, entry[2], entry[3], entry[4])
         return known
     except (ValueError, KeyError, TypeError, IndexError, AttributeError):
         return {}
 
 
+def _changed_since(paths: Sequence[Path], stamps: dict[Path, list[int] | None]) -> set[Path]:
+    """Files whose size or mtime moved while they were checked (still being copied, say)."""
+    return {path for path in paths if _stamp(path) != stamps.get(path)}
+
+
 def _write_memo(memo: Path, max_pixels: int, results: dict[Path, _FileResult],
-                stamps: dict[Path, list[int] | None]) -> None:
+                stamps: dict[Path, list[int] | None], changed: set[Path]) -> None:
     """Remember results of files that did not change while they were checked. A file that could not be
     read at all (permissions, I/O) is not remembered: that is the environment, not the file."""
-    files = {}
-    for path, result in results.items():
-        before = stamps.get(path) or _stamp(path)  # files known from the memo were checked unchanged
-        if before is None or before != _stamp(path) or (result.error or "").startswith(CANNOT_READ):
-            continue
-        files[str(path)] = [*before, result.sha1, result.mode, result.error]
+    files = {
+        str(path): [*stamp, result.sha1, result.mode, result.error]
+        for path, result in results.items()
+        if (stamp := stamps.get(path)) is not None and path not in changed
+        and not (result.error or "").startswith(CANNOT_READ)
+    }
     memo.parent.mkdir(parents=True, exist_ok=True)
     temporary = memo.with_name(f"{memo.name}.{os.getpid()}.tmp")  # parallel sweep jobs: last rename wins
     temporary.write_text(json.dumps({"max_pixels": max_pixels, "files": files}), encoding="utf-8")
