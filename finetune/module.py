@@ -123,9 +123,10 @@ class FinetuneModule(pl.LightningModule):
         self.test_confusion = MulticlassConfusionMatrix(num_classes)
         self.confusion_matrix: torch.Tensor | None = None
         self.held: HeldStages | None = None  # the frozen prefix while detached
-        self.train_hits: torch.Tensor | None = None  # correct train predictions this epoch
-        self.train_loss_sum: torch.Tensor | None = None  # sum of per-sample train losses this epoch
-        self.train_seen = 0
+        # this epoch's per-step train losses, correct predictions and batch sizes (reduced at epoch end)
+        self.train_losses: list[torch.Tensor] = []
+        self.train_hits: list[torch.Tensor] = []
+        self.train_sizes: list[int] = []
         self.eval_sums: dict[str, tuple[torch.Tensor | None, int]] = {}  # val/test loss sums this epoch
         self._fingerprints: dict[tuple[str, ...], str] = {}
         if self.omitted_stages:  # now, as the source gave them: later the module may be cast (bf16-true)
@@ -273,17 +274,17 @@ class FinetuneModule(pl.LightningModule):
         else:
             logits = self(x)
             loss = self.criterion(logits, y)
-        # Epoch loss and accuracy are summed on the device and logged once per epoch; the step loss only
-        # when a logger writes this step or a progress bar shows it: a self.log call costs more than a
-        # whole optimizer step of a head on cached features.
-        hits = (logits.argmax(1) == y).sum().detach()
-        summed = loss.detach().float() * len(y)  # float32 sums, also under bf16/16-true
-        first = self.train_hits is None
-        self.train_hits = hits if first else self.train_hits + hits
-        self.train_loss_sum = summed if first else self.train_loss_sum + summed
-        self.train_seen += len(y)
+        # Epoch loss and accuracy stay on the device and are reduced once per epoch; the step loss is
+        # logged only when a logger writes this step or a progress bar shows it. On cached features a
+        # self.log call, or a few extra kernel launches, cost more than the head's optimizer step.
+        self.train_losses.append(loss.detach())
+        self.train_hits.append((logits.argmax(1) == y).sum())
+        self.train_sizes.append(len(y))
+        trainer = self._trainer
         if self._step_loss_wanted():
-            self.log("train/loss_step", loss, on_step=True, on_epoch=False, prog_bar=True)
+            # on the progress bar only when there is one: Lightning reads bar values to the host every step
+            self.log("train/loss_step", loss, on_step=True, on_epoch=False,
+                     prog_bar=trainer is None or trainer.progress_bar_callback is not None)
         return loss
 
     def _step_loss_wanted(self) -> bool:
@@ -295,15 +296,24 @@ class FinetuneModule(pl.LightningModule):
                 or bool(trainer.fast_dev_run))
 
     def on_train_epoch_start(self) -> None:
-        self.train_hits, self.train_loss_sum, self.train_seen = None, None, 0
+        self.train_losses, self.train_hits, self.train_sizes = [], [], []
+
+    def train_epoch_means(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """This epoch's mean train loss (float32, also under bf16/16-true) and accuracy on this rank."""
+        if not self.train_sizes:
+            return None
+        seen = sum(self.train_sizes)
+        sizes = torch.tensor(self.train_sizes, dtype=torch.float32, device=self.train_losses[0].device)
+        loss = (torch.stack(self.train_losses).float() * sizes).sum() / seen
+        return loss, torch.stack(self.train_hits).sum().float() / seen
 
     def on_train_epoch_end(self) -> None:
-        if self.train_hits is not None and self.train_loss_sum is not None and self.train_seen:
+        means = self.train_epoch_means()
+        if means is not None:
             # averaged over DDP ranks (once per epoch, so the sync costs nothing worth counting)
-            self.log("train/loss_epoch", self.train_loss_sum / self.train_seen, on_step=False, on_epoch=True,
-                     prog_bar=True, sync_dist=True)
-            self.log("train/acc", self.train_hits.float() / self.train_seen, on_step=False, on_epoch=True,
-                     sync_dist=True)
+            self.log("train/loss_epoch", means[0], on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
+            self.log("train/acc", means[1], on_step=False, on_epoch=True, sync_dist=True)
+        self.train_losses, self.train_hits, self.train_sizes = [], [], []
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch

@@ -7,7 +7,6 @@ RNG state) and never find a half-written file where a good checkpoint was.
 from __future__ import annotations
 
 import logging
-import math
 import os
 from pathlib import Path
 from typing import Any
@@ -84,32 +83,37 @@ class InterruptCheckpoint(pl.Callback):
 class FiniteLoss(pl.Callback):
     """Stop at the first NaN/Inf training loss, naming the step and the usual fixes.
 
-    The check stays on the device and is read every ``every`` steps (and at epoch end), so a
-    GPU is not made to wait for the host after each step; the first bad step is still exact.
+    Losses are kept (as device scalars) and checked together every ``every`` steps and at epoch
+    end: no kernel and no host-device sync per step, and the first bad step is still exact.
     """
 
     def __init__(self, every: int = 10) -> None:
         self.every = every
-        self._first_bad: torch.Tensor | None = None
+        self._losses: list[torch.Tensor] = []
+        self._steps: list[int] = []
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         if loss is None:
             return
-        step = trainer.global_step - 1  # the optimizer step that produced this loss
-        bad = torch.where(torch.isfinite(loss.detach()), torch.full_like(loss.detach(), math.inf),
-                          torch.full_like(loss.detach(), float(step)))
-        self._first_bad = bad if self._first_bad is None else torch.minimum(self._first_bad, bad)
-        if (batch_idx + 1) % self.every == 0:
+        self._losses.append(loss.detach())
+        self._steps.append(trainer.global_step - 1)  # the optimizer step that produced this loss
+        if len(self._losses) >= self.every:
             self._raise_if_bad(trainer)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._raise_if_bad(trainer)
 
     def _raise_if_bad(self, trainer: pl.Trainer) -> None:
-        if self._first_bad is None or math.isinf(first := float(self._first_bad)):
+        losses, steps = self._losses, self._steps
+        self._losses, self._steps = [], []
+        if not losses:
             return
+        finite = torch.isfinite(torch.stack(losses).float())
+        if bool(finite.all()):
+            return
+        first = steps[int((~finite).nonzero()[0])]
         raise TrainingDiverged(
             f"The training loss became NaN/Inf at global step {int(first)} (epoch {trainer.current_epoch}). The "
             f"last good checkpoint is kept in {Path(trainer.default_root_dir) / 'checkpoints'}. Likely fixes: "

@@ -149,4 +149,22 @@ def test_epoch_sums_stay_float32_under_bf16_weights() -> None:
     module.on_train_epoch_start()
     for _ in range(3):
         module.training_step((torch.randn(8, 512, dtype=torch.bfloat16), torch.randint(3, (8,))), 0)
-    assert module.train_loss_sum.dtype == torch.float32 and module.train_seen == 24
+    loss, acc = module.train_epoch_means()
+    assert loss.dtype == torch.float32 and torch.isfinite(loss) and sum(module.train_sizes) == 24
+    assert 0 <= float(acc) <= 1
+
+
+def test_epoch_means_weight_each_sample_once() -> None:
+    """A short last batch counts by its size: the epoch numbers are per-sample means, as logged before."""
+    torch.manual_seed(0)
+    module = FinetuneModule("resnet18", num_classes=3, weights="none", input_stage=5).eval()
+    batches = [(torch.randn(n, 512), torch.randint(3, (n,))) for n in (8, 8, 3)]
+    module.on_train_epoch_start()
+    for batch in batches:
+        module.training_step(batch, 0)
+    x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+    with torch.no_grad():
+        logits = module(x)
+    loss, acc = module.train_epoch_means()
+    assert torch.allclose(loss, torch.nn.functional.cross_entropy(logits, y), atol=1e-6)
+    assert float(acc) == pytest.approx(float((logits.argmax(1) == y).float().mean()))

@@ -118,3 +118,22 @@ def test_resume_auto_skips_finished_run(compose_cfg) -> None:
     again = train(compose_cfg("backbone.weights=none", "data.image_size=32", "trainer.max_epochs=1",
                               "logger=none", "resume=auto"))
     assert again["finished_at"] == first["finished_at"]
+
+
+def test_finite_loss_names_the_first_bad_step_without_per_step_checks(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from finetune.resume import FiniteLoss
+
+    check = FiniteLoss(every=10)
+    trainer = SimpleNamespace(global_step=0, current_epoch=2, default_root_dir=str(tmp_path))
+    losses = [1.0] * 13 + [float("nan"), 2.0, float("inf")] + [1.0] * 10
+    with pytest.raises(TrainingDiverged, match=r"global step 13 \(epoch 2\)"):
+        for i, value in enumerate(losses):
+            trainer.global_step = i + 1  # Lightning has counted the step when the batch ends
+            check.on_train_batch_end(trainer, None, {"loss": torch.tensor(value)}, None, i)
+    assert i == 19  # found at the next periodic check, not at the bad step itself
+    late = FiniteLoss(every=10)
+    late.on_train_batch_end(trainer, None, {"loss": torch.tensor(float("nan"))}, None, 0)
+    with pytest.raises(TrainingDiverged, match=f"global step {trainer.global_step - 1} "):
+        late.on_train_epoch_end(trainer, None)  # a bad last step of an epoch is caught before the next one
