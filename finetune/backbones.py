@@ -7,6 +7,7 @@ of stages per family and the width of the pooled features.
 
 from __future__ import annotations
 
+import logging
 import os
 import urllib.error
 from collections import OrderedDict
@@ -19,6 +20,9 @@ import torchvision
 from torch import nn
 
 from finetune.errors import SetupError
+from finetune.frozen_weights import COMPILED_PREFIX, RECORD_KEY
+
+log = logging.getLogger(__name__)
 
 VGG_NAMES = ("vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn")
 RESNET_NAMES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
@@ -26,6 +30,8 @@ BACKBONE_NAMES = VGG_NAMES + RESNET_NAMES
 
 RESNET_STAGES = ("stem", "layer1", "layer2", "layer3", "layer4")
 VGG_STAGES = ("block1", "block2", "block3", "block4", "block5", "fc6", "fc7")
+# How a FinetuneModule's state_dict names backbone tensors: backbone.stages.<stage>.<key in the stage>
+STAGE_KEYS_PREFIX = "backbone.stages."
 
 
 @dataclass(frozen=True)
@@ -119,6 +125,24 @@ def _vgg_stages(model: nn.Module) -> OrderedDict[str, nn.Module]:
     return stages
 
 
+def _stages_of(name: str, model: nn.Module) -> OrderedDict[str, nn.Module]:
+    return _resnet_stages(model) if family(name) == "resnet" else _vgg_stages(model)
+
+
+def torchvision_keys(name: str) -> dict[str, str]:
+    """finetune's key of every backbone tensor (``backbone.stages.<stage>.<rest>``) -> torchvision's key.
+
+    Read off the stages themselves: they hold torchvision's own modules, so each tensor has one name
+    in either model (e.g. ``backbone.stages.stem.0.weight`` -> ``conv1.weight``, ``backbone.stages.fc7.0.bias``
+    -> ``classifier.3.bias``). Built on the meta device: no memory, no init.
+    """
+    with torch.device("meta"):
+        model = torchvision.models.get_model(name, weights=None)
+    own = {id(t): key for key, t in model.state_dict(keep_vars=True).items()}
+    stages = nn.ModuleDict(_stages_of(name, model))
+    return {f"{STAGE_KEYS_PREFIX}{key}": own[id(t)] for key, t in stages.state_dict(keep_vars=True).items()}
+
+
 def family(name: str) -> str:
     check_name(name)
     return "vgg" if name.startswith("vgg") else "resnet"
@@ -182,8 +206,12 @@ def _download_imagenet_state_dict(name: str) -> dict[str, torch.Tensor]:
         ) from None
 
 
-def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """A torchvision state_dict, or a Lightning checkpoint of ours, loaded without pickled code."""
+def load_state_dict_file(path: str | os.PathLike, name: str | None = None) -> dict[str, torch.Tensor]:
+    """A torchvision state_dict, or a Lightning checkpoint of ours, loaded without pickled code.
+
+    A finetune checkpoint (``checkpoints/*.ckpt`` of a run) gives its backbone's tensors, completed as
+    :func:`finetune_checkpoint_state` says; ``name``, the backbone being built, must be the one it holds.
+    """
     path = Path(path).expanduser()
     if not path.is_file():
         raise SetupError(
@@ -199,11 +227,80 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             f"state_dicts and checkpoints are accepted, never pickles that run code; re-save it "
             f"with torch.save(model.state_dict(), path)."
         ) from None
-    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+    if is_finetune_checkpoint(obj):
+        obj = finetune_checkpoint_state(path, obj, name)
+    elif isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise SetupError(f"'{path}' holds no state_dict (a dict of tensors).")
     return obj
+
+
+def is_finetune_checkpoint(obj: Any) -> bool:
+    """A Lightning checkpoint whose hyper_parameters name a backbone: one written by a finetune run."""
+    return (isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict)
+            and isinstance(obj.get("hyper_parameters"), dict) and "backbone" in obj["hyper_parameters"])
+
+
+_COMPLETING: set[Path] = set()  # checkpoints being completed now (a source that leads back is a cycle)
+
+
+def finetune_checkpoint_state(path: Path, checkpoint: dict[str, Any], name: str | None) -> dict[str, Any]:
+    """The full state_dict of a finetune checkpoint (FinetuneModule keys), for use as backbone weights.
+
+    * Another backbone than ``name`` is refused, naming the one the checkpoint holds.
+    * Frozen stages the checkpoint left out (``checkpoint_frozen_stages=reference``) are rebuilt from
+      their recorded source and fingerprint-checked exactly as :func:`finetune.checkpoints.load_module`
+      does (``build_module`` + ``FinetuneModule.complete_checkpoint``); a missing or changed source is
+      refused.
+    * EMA: with ``regularization.ema_decay`` Lightning's EMAWeightAveraging saves the averaged weights as
+      ``state_dict`` and the raw ones as ``current_model_state``. The averaged ones are used: they are
+      the weights the run validated (and picked its best checkpoint by), tested, and that predict and
+      export load; the raw ones are kept only to resume training. Frozen stages are equal in both.
+    * The head stays in the result; :func:`_load_into` drops it (the new run builds its own).
+    """
+    # Imported here: finetune.checkpoints imports the module, which imports this file.
+    from finetune.checkpoints import build_module, checkpoint_hparams, strip_compiled
+
+    hparams = checkpoint_hparams(checkpoint, path)
+    held = str(hparams["backbone"])
+    if name is not None and held != name:
+        raise SetupError(
+            f"backbone.weights='{path}' is a finetune checkpoint of backbone '{held}' "
+            f"({hparams['num_classes']} classes), but this run builds backbone '{name}'. Start from it with "
+            f"backbone={held}, or give weights saved from a {name}."
+        )
+    checkpoint["state_dict"] = strip_compiled(checkpoint["state_dict"])
+    record = checkpoint.get(RECORD_KEY)
+    if record:
+        source = str(record.get("weights"))
+        stages = ", ".join(record.get("stages", []))
+        if weights_source(source) == "file" and not Path(source).expanduser().is_file():
+            raise SetupError(
+                f"backbone.weights='{path}' is a finetune checkpoint that does not hold its frozen stages "
+                f"({stages}): it records that they are rebuilt from their weights source, '{source}', and that "
+                f"file does not exist. Put that file back at that path, or use a checkpoint of a run with "
+                f"checkpoint_frozen_stages=store (which keeps every stage inside its checkpoints)."
+            )
+        resolved = path.resolve()
+        if resolved in _COMPLETING:
+            raise SetupError(
+                f"'{path}' records itself as the source of its frozen stages ({stages}) through '{source}': "
+                f"a run overwrote the checkpoint it started from. Use a checkpoint of a run with "
+                f"checkpoint_frozen_stages=store, or one whose weights source still exists unchanged."
+            )
+        _COMPLETING.add(resolved)
+        try:
+            module = build_module(hparams, path, record)
+            module.complete_checkpoint(checkpoint, f"'{path}'")  # the fingerprint is checked here
+        except SetupError as error:
+            raise SetupError(f"Cannot use '{path}' as backbone.weights: {error}") from None
+        finally:
+            _COMPLETING.discard(resolved)
+    log.info("backbone.weights: the %s backbone of finetune checkpoint '%s'%s%s.", held, path,
+             f", frozen stages {', '.join(record['stages'])} rebuilt from {record['weights']}" if record else "",
+             " (EMA-averaged weights)" if "current_model_state" in checkpoint else "")
+    return checkpoint["state_dict"]
 
 
 def _strip_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -213,9 +310,20 @@ def _strip_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torc
 
 
 def _load_into(model: nn.Module, name: str, state: dict[str, torch.Tensor], source: str) -> None:
-    """Load backbone weights; the old ImageNet classifier (fc / classifier.6) may differ or lack."""
+    """Load backbone weights; the old ImageNet classifier (fc / classifier.6) may differ or lack.
+
+    A FinetuneModule's state_dict (a finetune checkpoint's) is taken under torchvision's keys; its
+    head, trained for another run's classes, is dropped.
+    """
     state = _strip_prefix(state, "module.")
     state = _strip_prefix(state, "model.")
+    state = _strip_prefix(state, COMPILED_PREFIX)
+    if any(k.startswith(STAGE_KEYS_PREFIX) for k in state):
+        renamed = torchvision_keys(name)
+        head = [k for k in state if k.startswith("head.")]
+        if head:
+            log.info("The classifier head in %s (%d tensors) is not used: this run builds its own.", source, len(head))
+        state = {renamed.get(k, k): v for k, v in state.items() if not k.startswith("head.")}
     own = model.state_dict()
     head_prefix = "fc." if family(name) == "resnet" else "classifier.6."
     wanted = {k for k in own if not k.startswith(head_prefix)}
@@ -257,10 +365,9 @@ def build_backbone(name: str, weights: str | None = "imagenet") -> Backbone:
         if source == "imagenet":
             _load_into(model, name, _download_imagenet_state_dict(name), "torchvision's ImageNet weights")
         else:
-            _load_into(model, name, load_state_dict_file(str(weights)), f"'{weights}'")
-    if family(name) == "resnet":
-        return Backbone(name, _resnet_stages(model), model.fc.in_features)
-    return Backbone(name, _vgg_stages(model), model.classifier[6].in_features)
+            _load_into(model, name, load_state_dict_file(str(weights), name), f"'{weights}'")
+    feature_dim = model.fc.in_features if family(name) == "resnet" else model.classifier[6].in_features
+    return Backbone(name, _stages_of(name, model), feature_dim)
 
 
 def imagenet_meta(name: str) -> dict[str, Any]:

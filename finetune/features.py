@@ -27,6 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from finetune.backbones import Backbone, imagenet_weights, weights_source
+from finetune.errors import SetupError
 
 log = logging.getLogger(__name__)
 
@@ -131,8 +132,14 @@ class FeatureDataset(Dataset):
     """Cached prefix outputs (memory-mapped) with labels; with several views, one is drawn per access."""
 
     def __init__(self, files: ShardFiles) -> None:
-        self.features = np.load(files.features, mmap_mode="r")
-        self.labels = np.load(files.labels)
+        try:
+            self.features = np.load(files.features, mmap_mode="r")
+            self.labels = np.load(files.labels)
+        except (OSError, ValueError, EOFError) as err:  # truncated or overwritten by something else
+            raise SetupError(
+                f"The feature cache file {files.features.name} (or its labels) in {files.features.parent} is "
+                f"damaged ({err}). Delete that folder and run again: the features are extracted anew."
+            ) from None
         self.views = self.features.shape[0] if self.features.ndim >= 2 and len(self.labels) and \
             self.features.shape[0] != len(self.labels) else 1
 

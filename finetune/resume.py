@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from lightning_fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from omegaconf import DictConfig
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
+from finetune.data.datamodule import EpochSampler
 from finetune.errors import SetupError
 from finetune.run_outputs import write_atomic
 
@@ -62,12 +64,16 @@ class RNGState(pl.Callback):
 class InterruptCheckpoint(pl.Callback):
     """On Ctrl-C or SIGTERM (what SLURM sends before preemption), save a resumable checkpoint.
 
-    Other exceptions (a diverged loss, a bug) save nothing: the last good checkpoint stays.
+    Other exceptions (a diverged loss, a bug) save nothing: the last good checkpoint stays. Such a
+    checkpoint is usually taken mid-epoch; a resume from it continues with the next batch of that
+    epoch's order (:func:`position_train_loaders`), so it ends with the weights of an uninterrupted run.
     """
 
     def __init__(self, dirpath: str | os.PathLike) -> None:
         self.dirpath = Path(dirpath)
         self.saved: Path | None = None
+        self._first_batch: int | None = None  # batch index the resumed epoch must go on with
+        self._quiet: tuple | None = None  # the warnings filter hiding Lightning's mid-epoch warning
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         from pytorch_lightning.utilities.exceptions import SIGTERMException
@@ -78,6 +84,126 @@ class InterruptCheckpoint(pl.Callback):
         trainer.save_checkpoint(str(path))
         self.saved = path
         log.warning("interrupted: resumable checkpoint saved to %s", path)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if restarted_inside_epoch(trainer):
+            replay_epoch_start(trainer, pl_module)
+        done = batches_done(trainer)
+        if not position_train_loaders(trainer, done):
+            if done:
+                log.warning("resumed at batch %d of epoch %d, but the train loader draws no EpochSampler order "
+                            "(e.g. DDP wraps it): this epoch's first batches are drawn again.", done + 1,
+                            trainer.current_epoch)
+            return
+        if not done:
+            return
+        self._first_batch = done
+        accumulate = max(1, int(trainer.accumulate_grad_batches))
+        if done % accumulate == 0:
+            self._quiet = _hide_lightning_mid_epoch_warning()
+        else:
+            log.warning("resumed inside a gradient accumulation window (batch %d, accumulate_grad_batches=%d): the "
+                        "gradients of its first %d batches were not saved, so this resume is not exact.", done + 1,
+                        accumulate, done % accumulate)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if self._first_batch is None:
+            return
+        expected, self._first_batch = self._first_batch, None
+        _unhide(self._quiet)
+        self._quiet = None
+        if batch_idx != expected:  # Lightning counted the restored epoch differently: say so
+            log.warning("resume: the loader was positioned at batch %d but Lightning goes on with batch %d; "
+                        "this epoch's order is not the uninterrupted run's.", expected, batch_idx)
+
+
+LIGHTNING_MID_EPOCH_WARNING = r"You're resuming from a checkpoint that ended before the epoch ended"
+
+
+def position_train_loaders(trainer: pl.Trainer, done: int) -> bool:
+    """Point every train EpochSampler at the restored epoch, past its ``done`` batches; False: none found.
+
+    Lightning restores the loop counters (k batches of epoch e done) but builds the loader anew, and
+    creates its iterator before it calls ``set_epoch``: a mid-epoch resume replayed the epoch's first
+    batches, and with ``num_workers`` > 0 even a resume at an epoch boundary drew epoch 0's order
+    (Lightning issue #21938). Runs in ``on_train_start``, after Lightning's restart bookkeeping and
+    before the first batch; the iterator is made again when the position changed.
+    """
+    samplers = train_samplers(trainer)
+    epoch = int(trainer.fit_loop.epoch_progress.current.processed)  # what Lightning passes to set_epoch
+    moved = False
+    for sampler, batch_size in samplers:
+        skip = min(done * batch_size, len(sampler))
+        if sampler.epoch != epoch or skip:
+            sampler.start_at(epoch, skip)
+            moved = True
+    if moved:
+        fetcher = getattr(trainer.fit_loop, "_data_fetcher", None)
+        if fetcher is not None:
+            iter(fetcher)  # a worker iterator drew its first indices already, from the old position
+    if samplers and done:
+        log.info("resuming epoch %d at batch %d of %d, in the same order as the uninterrupted run", epoch,
+                 done + 1, trainer.num_training_batches)
+    return bool(samplers)
+
+
+def restarted_inside_epoch(trainer: pl.Trainer) -> bool:
+    """Whether Lightning continues an epoch it restored, skipping that epoch's ``on_train_epoch_start``."""
+    fit = trainer.fit_loop
+    return bool(getattr(fit, "restarted_mid_epoch", False) or getattr(fit, "restarted_on_epoch_end", False))
+
+
+def batches_done(trainer: pl.Trainer) -> int:
+    """Batches of the current epoch the restored loop counts as done: 0 unless it restarts mid-epoch.
+
+    Mirrors what ``_TrainingEpochLoop.reset`` makes of the restored counters (it runs later): a
+    checkpoint saved in ``on_train_batch_end`` counts that batch as done, and a full epoch starts over.
+    """
+    loop = trainer.fit_loop.epoch_loop
+    if not loop.restarting:
+        return 0
+    done = int(loop.batch_progress.current.completed) + int(bool(getattr(loop, "restarted_on_train_batch_end",
+                                                                           False)))
+    return done if done < trainer.num_training_batches else 0
+
+
+def train_samplers(trainer: pl.Trainer) -> list[tuple[EpochSampler, int]]:
+    """(EpochSampler, batch size) of each train loader that draws its order from one."""
+    combined = getattr(trainer.fit_loop, "_combined_loader", None)
+    found = []
+    for loader in getattr(combined, "flattened", []):
+        batch_sampler = getattr(loader, "batch_sampler", None)
+        sampler = getattr(batch_sampler, "sampler", None)
+        sampler = getattr(loader, "sampler", None) if sampler is None else sampler
+        batch_size = getattr(batch_sampler, "batch_size", None)
+        if isinstance(sampler, EpochSampler) and isinstance(batch_size, int):
+            found.append((sampler, batch_size))
+    return found
+
+
+def replay_epoch_start(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    """Redo the epoch-start work the weights depend on: Lightning skips ``on_train_epoch_start`` then.
+
+    That is the scheduled unfreezing (which stages train in this epoch): without it a
+    gradual_unfreeze run resumed after a milestone went on training with the epoch-0 stages.
+    """
+    from finetune.unfreezing import StageUnfreezer
+
+    for callback in trainer.callbacks:
+        if isinstance(callback, StageUnfreezer):
+            callback.on_train_epoch_start(trainer, pl_module)
+
+
+def _hide_lightning_mid_epoch_warning() -> tuple:
+    """Lightning warns that a mid-epoch resume of a non-resumable loader is unreliable: ours is exact."""
+    warnings.filterwarnings("ignore", message=LIGHTNING_MID_EPOCH_WARNING)
+    return warnings.filters[0]
+
+
+def _unhide(entry: tuple | None) -> None:
+    if entry is not None and entry in warnings.filters:
+        warnings.filters.remove(entry)
 
 
 class FiniteLoss(pl.Callback):
@@ -144,15 +270,114 @@ def resolve_resume(value: Any, run_dir: Path) -> Path | None:
     return path
 
 
+# Kept as they are on resume, deliberately: trainer.* (max_epochs extends a run), head.dropout,
+# loss.label_smoothing, regularization mixup/cutmix/mix_prob/tta_hflip, scheduler warmup_epochs/min_lr_ratio
+# (they take effect from the resumed step on) and checkpoint_frozen_stages (a checkpoint's own record of
+# left-out stages decides how it loads). Everything compared below shapes the model, the optimizer's
+# groups or the frozen features, or is restored from the checkpoint so that a new value would be ignored.
+RESUME_FIX = ("Resume with the checkpoint's settings (the run's resolved_config.yaml lists them), or start a "
+              "new run: resume=none with another hydra.run.dir. Only trainer.max_epochs (to extend a run) and "
+              "training-only knobs (head.dropout, loss.label_smoothing, mixup/cutmix, scheduler warmup/min_lr_ratio) "
+              "may change on resume")
+
+
 def check_resume_matches(path: Path, cfg: DictConfig, num_classes: int) -> None:
-    """Refuse a checkpoint made for another backbone, strategy or class count, saying what differs."""
+    """Refuse, before any weights load, a checkpoint whose model or optimizer this config would build otherwise.
+
+    Without it a changed ``strategy.unfreeze_last`` or ``head.type`` failed deep in Lightning with a
+    traceback, and another weights source went unnoticed (the head continued on other frozen features).
+    """
     from finetune.checkpoints import read_checkpoint
 
     hp = read_checkpoint(path)["hyper_parameters"]  # refuses code pickles and foreign files, clearly
-    wanted = {"backbone": cfg.backbone.name, "num_classes": num_classes, "strategy": cfg.strategy.name}
-    found = {k: hp.get(k) for k in wanted}
-    if found != wanted:
+    differ = resume_differences(hp, cfg, num_classes)
+    if differ:
+        listed = "; ".join(f"{key} is {old!r} in the checkpoint but {new!r} now" for key, (old, new) in differ.items())
         raise SetupError(
-            f"Cannot resume from '{path}': it holds {found}, but the config asks for {wanted}. Resume with "
-            f"the same backbone/strategy/data, or start a new run (resume=none, another hydra.run.dir)."
+            f"Cannot resume from '{path}': {listed}. These settings shape the model, its optimizer groups or its "
+            f"frozen features, or come back from the checkpoint's optimizer state (a new value would be ignored). "
+            f"{RESUME_FIX}."
         )
+
+
+def resume_differences(hp: dict[str, Any], cfg: DictConfig, num_classes: int) -> dict[str, tuple[Any, Any]]:
+    """``{config key: (checkpoint's value, config's value)}`` for each setting a resume must keep.
+
+    Settings a checkpoint does not record (older versions) are not compared.
+    """
+    differ = {}
+    for key, (field, now) in resume_settings(cfg, num_classes).items():
+        found, old = _lookup(hp, field)
+        if found and not _same(key, old, now):
+            differ[key] = (old, now)
+    return differ
+
+
+def resume_settings(cfg: DictConfig, num_classes: int) -> dict[str, tuple[str, Any]]:
+    """Config key -> (where ``FinetuneModule`` records it in hyper_parameters, the value this config gives)."""
+    from omegaconf import OmegaConf
+
+    from finetune.backbones import preprocessing_for
+
+    strategy, head = cfg.strategy, cfg.head
+    settings: dict[str, tuple[str, Any]] = {
+        "backbone": ("backbone", cfg.backbone.name),
+        "num_classes (data)": ("num_classes", num_classes),
+        "backbone.weights": ("weights", cfg.backbone.get("weights")),
+        "strategy": ("strategy", strategy.name),
+        "strategy.unfreeze_last": ("unfreeze_last", strategy.get("unfreeze_last")),
+        "strategy.milestones": ("milestones", list(strategy.get("milestones") or []) or None),
+        "strategy.freeze_epochs": ("freeze_epochs", strategy.get("freeze_epochs")),
+        "strategy.backbone_lr_ratio": ("backbone_lr_ratio", float(strategy.backbone_lr_ratio)),
+        "head.type": ("head.type", head.get("type", "linear")),
+        "scheduler.name": ("scheduler.name", cfg.scheduler.get("name", "none")),
+        "loss.class_weights": ("class_weights", cfg.loss.get("class_weights")),
+        "regularization.ema_decay": ("regularization.ema_decay", (cfg.get("regularization") or {}).get("ema_decay")),
+        "data.image_size": ("preprocessing.crop_size",
+                            preprocessing_for(cfg.backbone.name).at_size(cfg.data.get("image_size")).crop_size),
+    }
+    if head.get("type", "linear") == "mlp":
+        settings["head.hidden_dim"] = ("head.hidden_dim", int(head.get("hidden_dim", 512)))
+    for name, value in OmegaConf.to_container(cfg.optimizer, resolve=True).items():
+        settings[f"optimizer.{name}"] = (f"optimizer.{name}", value)
+    return settings
+
+
+def _lookup(hp: dict[str, Any], field: str) -> tuple[bool, Any]:
+    """(recorded?, value) of a dotted hyper_parameters field such as ``optimizer.lr``."""
+    node: Any = hp
+    for part in field.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False, None
+        node = node[part]
+    return True, node
+
+
+def _same(key: str, old: Any, new: Any) -> bool:
+    if key == "backbone.weights":
+        return same_weights(old, new)
+    if key == "loss.class_weights" and new == "auto":
+        return old is not None  # computed from the train split: equal for the same data
+    if isinstance(old, int | float) and isinstance(new, int | float) and not isinstance(old, bool):
+        return float(old) == float(new)
+    if isinstance(old, list | tuple) and isinstance(new, list | tuple):
+        return len(old) == len(new) and all(_same(key, a, b) for a, b in zip(old, new, strict=True))
+    return old == new
+
+
+def same_weights(a: Any, b: Any) -> bool:
+    """Same weights source: ImageNet / none by name (any case), a file by what it resolves to."""
+    from finetune.backbones import weights_source
+
+    kinds = weights_source(None if a is None else str(a)), weights_source(None if b is None else str(b))
+    if kinds[0] != kinds[1]:
+        return False
+    if kinds[0] != "file":
+        return True
+    first, second = (Path(str(w)).expanduser().resolve() for w in (a, b))
+    if first == second:
+        return True
+    try:
+        return os.path.samefile(first, second)
+    except OSError:  # one of them is missing: not provably the same file
+        return False

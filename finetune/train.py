@@ -7,8 +7,8 @@ flow, and returns the summary (whose ``objective`` an Optuna sweep reads).
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
+import math
 import os
 import time
 import warnings
@@ -35,6 +35,7 @@ from finetune.resume import (
     check_resume_matches,
     resolve_resume,
 )
+from finetune.run_dir import claim_run_dir
 from finetune.run_outputs import TrainingPeakMemory, reset_peak_memory
 from finetune.summary import device_name, make_summary, write_run_files
 from finetune.unfreezing import StageUnfreezer
@@ -188,6 +189,17 @@ def build_datamodule(
     )
 
 
+MONITORS = ("val/acc", "val/mean_class_acc", "val/f1_macro", "val/top5", "val/loss")
+
+
+def monitor_mode(cfg: DictConfig) -> str:
+    """max or min for ``monitor``: ``monitor_mode=auto`` means min for a loss, max for every other metric."""
+    mode = str(cfg.get("monitor_mode", "auto"))
+    if mode == "auto":
+        return "min" if str(cfg.monitor).endswith("loss") else "max"
+    return mode
+
+
 def build_callbacks(cfg: DictConfig, has_logger: bool = True) -> list[pl.Callback]:
     from pytorch_lightning.callbacks import (
         EarlyStopping,
@@ -197,8 +209,9 @@ def build_callbacks(cfg: DictConfig, has_logger: bool = True) -> list[pl.Callbac
     )
 
     cb = cfg.callbacks
+    mode = monitor_mode(cfg)
     callbacks: list[pl.Callback] = [
-        instantiate(cb.checkpoint),
+        instantiate(cb.checkpoint, mode=mode),
         instantiate(cb.last_checkpoint),
         RNGState(),
         InterruptCheckpoint(Path(cfg.paths.output_dir) / "checkpoints"),
@@ -211,7 +224,7 @@ def build_callbacks(cfg: DictConfig, has_logger: bool = True) -> list[pl.Callbac
 
         callbacks.append(EMAWeightAveraging(decay=float(ema)))
     if cb.early_stopping.enabled:
-        callbacks.append(EarlyStopping(monitor=cfg.monitor, mode="max", patience=int(cb.early_stopping.patience)))
+        callbacks.append(EarlyStopping(monitor=cfg.monitor, mode=mode, patience=int(cb.early_stopping.patience)))
     if cb.lr_monitor and has_logger:
         callbacks.append(LearningRateMonitor(logging_interval="epoch"))
     if cb.progress_bar == "rich":
@@ -323,15 +336,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     reset_peak_memory()
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    finished = out_dir / "summary.json"
-    if cfg.get("resume") == "auto" and finished.is_file():
-        # A resumed sweep skips the jobs that already finished.
-        log.info("resume=auto: %s is finished (summary.json present); skipping it", out_dir)
-        return json.loads(finished.read_text())
+    done = claim_run_dir(cfg, out_dir)  # refuses to overwrite a finished run; resume=auto skips a matching one
+    if done is not None:
+        return done
     pl.seed_everything(int(cfg.seed), workers=True)
     apply_tf32((cfg.get("speed") or {}).get("tf32", "auto"))
 
     splits = load_splits(cfg.data, **check_data(cfg.data, out_dir, cfg.cache.get("dir")))
+    if cfg.monitor == "val/top5" and splits.num_classes < 5:
+        raise SetupError(f"monitor=val/top5 needs 5 or more classes; this data has {splits.num_classes}. "
+                         f"Use val/acc or val/mean_class_acc.")
     module = build_module(cfg, splits)
     (out_dir / "resolved_config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     if cfg.strategy.name == "linear_probe":
@@ -420,3 +434,81 @@ def check_config(cfg: DictConfig) -> None:
     if frozen not in ("reference", "store"):
         raise SetupError(f"checkpoint_frozen_stages={frozen} must be reference (frozen stages rebuilt from their "
                          f"weights source on load) or store (kept in every checkpoint).")
+    check_training_values(cfg)
+    check_monitor(cfg)
+
+
+def _in_range(name: str, value: Any, low: float, high: float, hint: str, low_open: bool = False,
+              high_open: bool = False) -> None:
+    """One clear error for a number outside [low, high] (open ends as flagged), naming the key."""
+    number = float(value)
+    if number < low or number > high or (low_open and number == low) or (high_open and number == high):
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise SetupError(f"{name}={value} is outside {interval}; {hint}")
+
+
+# what Lightning 2.x accepts as trainer.precision
+PRECISIONS = ("32-true", "16-mixed", "bf16-mixed", "bf16-true", "16-true", "64-true", "transformer-engine",
+              "transformer-engine-float16", "32", "16", "bf16", "64")
+
+
+def check_training_values(cfg: DictConfig) -> None:
+    """Values that would otherwise fail deep inside torch, or train silently on something else."""
+    head, reg, opt = cfg.get("head") or {}, cfg.get("regularization") or {}, cfg.optimizer
+    _in_range("head.dropout", head.get("dropout", 0.0), 0, 1, "a probability, e.g. head.dropout=0.2.", high_open=True)
+    if int(head.get("hidden_dim", 512)) < 1:
+        raise SetupError(f"head.hidden_dim={head.get('hidden_dim')} must be >= 1 (e.g. head.hidden_dim=512).")
+    _in_range("loss.label_smoothing", (cfg.get("loss") or {}).get("label_smoothing", 0.0), 0, 1,
+              "e.g. loss.label_smoothing=0.1.", high_open=True)
+    if reg.get("ema_decay") is not None:
+        _in_range("regularization.ema_decay", reg.ema_decay, 0, 1, "e.g. 0.999, or null to turn EMA off.",
+                  low_open=True, high_open=True)
+    for key in ("mixup_alpha", "cutmix_alpha"):
+        _in_range(f"regularization.{key}", reg.get(key, 0.0), 0, math.inf, "0 turns it off, timm uses 0.2-1.0.")
+    _in_range("regularization.mix_prob", reg.get("mix_prob", 1.0), 0, 1, "the chance a batch is mixed.")
+    _in_range("optimizer.weight_decay", opt.get("weight_decay", 0.0), 0, math.inf, "e.g. 1e-4, or 0 for none.")
+    if opt.get("layer_decay") is not None:
+        _in_range("optimizer.layer_decay", opt.layer_decay, 0, 1, "each earlier stage's LR is multiplied by it "
+                  "(e.g. 0.7); null turns it off.", low_open=True)
+    dtype = str(cfg.cache.get("dtype", "float32"))
+    if dtype not in ("float32", "float16"):
+        raise SetupError(f"cache.dtype={dtype} is not a storage type of the feature cache: use float32 or float16 "
+                         f"(half the size).")
+    workers = cfg.data.get("num_workers", "auto")
+    if workers not in (None, "auto") and (not str(workers).lstrip("-").isdigit() or int(workers) < 0):
+        raise SetupError(f"data.num_workers={workers} must be auto (sized from the machine) or an integer >= 0.")
+    precision = cfg.trainer.get("precision", "32-true")
+    if str(precision) not in PRECISIONS:
+        raise SetupError(f"trainer.precision={precision} is not one Lightning knows: use one of "
+                         f"{', '.join(PRECISIONS)} (e.g. bf16-mixed on a recent GPU, 32-true on a CPU).")
+    epochs = cfg.trainer.get("max_epochs")
+    if epochs is not None and (int(epochs) == 0 or int(epochs) < -1):
+        raise SetupError(f"trainer.max_epochs={epochs} trains nothing: use >= 1 (or -1 with trainer.max_steps).")
+
+
+def check_monitor(cfg: DictConfig) -> None:
+    """A misspelt monitor would fail only after the first epoch, with nothing saved: refuse it now."""
+    if cfg.strategy.name != "linear_probe" and cfg.monitor not in MONITORS:
+        raise SetupError(f"monitor={cfg.monitor} is not a metric finetune logs: use one of {', '.join(MONITORS)}.")
+    mode = str(cfg.get("monitor_mode", "auto"))
+    if mode not in ("auto", "max", "min"):
+        raise SetupError(f"monitor_mode={mode} must be auto, max or min.")
+    direction = sweep_direction()
+    wanted = {"max": "maximize", "min": "minimize"}[monitor_mode(cfg)]
+    if direction is not None and direction != wanted:
+        raise SetupError(f"monitor={cfg.monitor} is best when it is {monitor_mode(cfg)}imal, but this sweep's "
+                         f"hydra.sweeper.direction={direction}: it would look for the worst runs. Set "
+                         f"hydra.sweeper.direction={wanted} (or monitor_mode to match).")
+
+
+def sweep_direction() -> str | None:
+    """The Optuna sweeper's direction when this job runs in one (a single string), else None."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        if not HydraConfig.initialized():
+            return None
+        direction = (HydraConfig.get().get("sweeper") or {}).get("direction")
+    except Exception:  # no Hydra context (train() called from Python)
+        return None
+    return str(direction) if isinstance(direction, str) else None

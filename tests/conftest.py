@@ -33,6 +33,13 @@ def compose_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
     return _compose
 
 
+def own_dir(cfg: DictConfig, name: str) -> DictConfig:
+    """Give a composed config its own run directory next to the fixture's: a finished run is never overwritten."""
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(Path(cfg.paths.output_dir).parent / name)
+    return cfg
+
+
 def write_image_folder(root: Path, classes: int = 3, per_class: int = 12, size: int = 32, seed: int = 0) -> Path:
     """Class-dependent colour blobs: learnable in a few steps, written as real JPEG/PNG files."""
     rng = np.random.default_rng(seed)

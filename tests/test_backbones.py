@@ -129,3 +129,114 @@ def test_imagenet_weights_placed_in_hub_cache_load_offline(monkeypatch, tmp_path
     torch.save(reference.state_dict(), target)
     backbone = build_backbone("resnet18", "imagenet")
     assert torch.equal(backbone.stages["layer3"][1].conv2.weight, reference.layer3[1].conv2.weight)
+
+
+# --- finetune checkpoints as backbone.weights -------------------------------------------------------------
+
+# One epoch of two steps with the last stage trainable: layer4 moves away from its source.
+TINY_RUN = ("data.image_size=32", "logger=none", "trainer.max_epochs=1", "data.val_fraction=0.1",
+            "data.test_fraction=0.1", "+trainer.limit_train_batches=2", "+trainer.limit_val_batches=1",
+            "+trainer.limit_test_batches=1", "strategy=partial_unfreeze", "strategy.unfreeze_last=1",
+            "cache.enabled=false", "data.augment=false")
+
+
+def write_weights(path, seed: int):
+    torch.manual_seed(seed)
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), path)
+    return path
+
+
+def train_checkpoint(compose_cfg, out, *overrides: str):
+    from omegaconf import open_dict
+
+    from finetune.train import train
+
+    cfg = compose_cfg(*TINY_RUN, *overrides)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(out)
+    train(cfg)
+    return out / "checkpoints" / "last.ckpt"
+
+
+def module_keys(backbone) -> dict[str, torch.Tensor]:
+    """A built Backbone's tensors under FinetuneModule's keys (backbone.stages.<stage>.<rest>)."""
+    return {f"backbone.{k}": v for k, v in backbone.state_dict().items()}
+
+
+def assert_same_tensors(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    assert got.keys() == expected.keys()
+    for key in expected:
+        assert got[key].dtype == expected[key].dtype and torch.equal(got[key], expected[key]), key
+
+
+@pytest.mark.parametrize("weights", ["file", "none"])
+def test_finetune_checkpoint_with_every_stage_loads_as_backbone_weights(compose_cfg, tmp_path, caplog,
+                                                                         weights: str) -> None:
+    """All stages stored (checkpoint_frozen_stages=store, or a random init): the backbone is the checkpoint's."""
+    import logging
+
+    if weights == "file":  # with EMA: the averaged weights (the checkpoint's state_dict) are the ones used
+        source = write_weights(tmp_path / "frozen.pth", seed=1)
+        ckpt = train_checkpoint(compose_cfg, tmp_path / "run", f"backbone.weights={source}",
+                                "checkpoint_frozen_stages=store", "regularization.ema_decay=0.5")
+    else:
+        ckpt = train_checkpoint(compose_cfg, tmp_path / "run", "backbone.weights=none")
+    saved = torch.load(ckpt, map_location="cpu", weights_only=True)
+    from finetune.frozen_weights import RECORD_KEY
+
+    assert RECORD_KEY not in saved
+    expected = {k: v for k, v in saved["state_dict"].items() if k.startswith("backbone.")}
+    assert len(expected) == 120  # resnet18's, without its ImageNet fc
+
+    caplog.set_level(logging.INFO, logger="finetune.backbones")
+    backbone = build_backbone("resnet18", str(ckpt))
+    assert_same_tensors(module_keys(backbone), expected)
+    assert "classifier head" in caplog.text and "not used" in caplog.text
+
+    if weights == "file":
+        raw = saved["current_model_state"]  # the EMA's raw weights: trained further than the average
+        assert any(not torch.equal(raw[k], expected[k]) for k in expected if ".layer4." in k)
+        original = torchvision.models.resnet18(weights=None)
+        original.load_state_dict(torch.load(source, weights_only=True))
+        assert not torch.equal(backbone.stages["layer4"][0][1].bn2.running_var, original.layer4[1].bn2.running_var)
+        assert torch.equal(backbone.stages["stem"][0].weight, original.conv1.weight)  # frozen: as the file
+
+
+def test_slim_finetune_checkpoint_is_completed_from_its_frozen_weights_source(compose_cfg, tmp_path) -> None:
+    """Frozen stages left out of the checkpoint are rebuilt from their source, as load_module does."""
+    from finetune.checkpoints import load_module
+    from finetune.frozen_weights import RECORD_KEY
+
+    source = write_weights(tmp_path / "frozen.pth", seed=1)
+    ckpt = train_checkpoint(compose_cfg, tmp_path / "run", f"backbone.weights={source}")
+    saved = torch.load(ckpt, map_location="cpu", weights_only=True)
+    assert saved[RECORD_KEY]["stages"] == ["stem", "layer1", "layer2", "layer3"]
+    stored = {k: v for k, v in saved["state_dict"].items() if k.startswith("backbone.")}
+    assert stored and all(k.startswith("backbone.stages.layer4.") for k in stored)
+
+    got = module_keys(build_backbone("resnet18", str(ckpt)))
+    # the full backbone: frozen stages from the weights file, the trained stage from the checkpoint
+    from_file = module_keys(build_backbone("resnet18", str(source)))
+    expected = {key: stored.get(key, value) for key, value in from_file.items()}
+    assert_same_tensors(got, expected)
+    assert_same_tensors(got, module_keys(load_module(ckpt).backbone))
+
+    write_weights(source, seed=2)  # same name, other tensors: the fingerprint refuses them
+    with pytest.raises(SetupError, match=r"as backbone.weights: .*differ.*Restore the weights"):
+        build_backbone("resnet18", str(ckpt))
+    source.unlink()
+    with pytest.raises(SetupError, match=r"does not hold its frozen stages \(stem, layer1, layer2, layer3\).*"
+                                         r"does not exist.*checkpoint_frozen_stages=store"):
+        build_backbone("resnet18", str(ckpt))
+
+
+def test_finetune_checkpoint_of_another_backbone_is_refused(tmp_path) -> None:
+    from finetune.module import FinetuneModule
+
+    module = FinetuneModule("resnet18", num_classes=3, weights="none")
+    path = tmp_path / "resnet18.ckpt"
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, path)
+    with pytest.raises(SetupError, match=r"finetune checkpoint of backbone 'resnet18'.*builds backbone 'resnet34'.*"
+                                         r"backbone=resnet18"):
+        build_backbone("resnet34", str(path))
+    assert_same_tensors(module_keys(build_backbone("resnet18", str(path))), module_keys(module.backbone))

@@ -11,6 +11,7 @@ import torch
 
 from finetune.features import FeatureCacheDataModule, FeatureDataset, shard_files
 from finetune.train import train
+from tests.conftest import own_dir
 
 TINY = ("backbone.weights=none", "data.image_size=32", "logger=none", "trainer.max_epochs=2",
         "data.val_fraction=0.1", "data.test_fraction=0.1")
@@ -23,13 +24,14 @@ def test_cached_run_equals_uncached_run_and_is_reused(compose_cfg) -> None:
     features = np.load(next(folder.glob("train.0of1.features.npy")), mmap_mode="r")
     assert isinstance(features, np.memmap) and features.shape[1] == 512
 
-    again = train(compose_cfg(*TINY, "strategy=feature_extractor"))
+    again = train(own_dir(compose_cfg(*TINY, "strategy=feature_extractor"), "again"))
     assert again["feature_cache"] == cached["feature_cache"]
     assert again["wall_seconds"]["feature_extraction"] < 0.05  # nothing extracted the second time
 
     cached_head = torch.load(cached["best_checkpoint"], map_location="cpu", weights_only=True)["state_dict"]
     # a persistent loader worker on the image path: the batches must not depend on it
-    uncached = train(compose_cfg(*TINY, "strategy=feature_extractor", "cache.enabled=false", "data.num_workers=1"))
+    uncached = train(own_dir(compose_cfg(*TINY, "strategy=feature_extractor", "cache.enabled=false",
+                                        "data.num_workers=1"), "uncached"))
     assert uncached["feature_cache"] is None
     # Extraction uses the training path's layout, so on CPU the features, and so the whole run, are identical.
     assert uncached["test"] == cached["test"] == again["test"]
@@ -40,8 +42,8 @@ def test_cached_run_equals_uncached_run_and_is_reused(compose_cfg) -> None:
 
 def test_cache_key_changes_with_what_determines_the_features(compose_cfg) -> None:
     base = train(compose_cfg(*TINY, "trainer.max_epochs=1"))
-    other_size = train(compose_cfg(*TINY, "trainer.max_epochs=1", "data.image_size=48"))
-    other_seed = train(compose_cfg(*TINY, "trainer.max_epochs=1", "seed=7"))  # random init differs
+    other_size = train(own_dir(compose_cfg(*TINY, "trainer.max_epochs=1", "data.image_size=48"), "size"))
+    other_seed = train(own_dir(compose_cfg(*TINY, "trainer.max_epochs=1", "seed=7"), "seed"))  # random init differs
     assert len({base["feature_cache"], other_size["feature_cache"], other_seed["feature_cache"]}) == 3
     meta = json.loads((Path(base["feature_cache"]) / "meta.json").read_text())
     assert meta["frozen_stages"] == ["stem", "layer1", "layer2", "layer3", "layer4"]
@@ -58,7 +60,7 @@ def test_partial_unfreeze_caches_the_last_frozen_stage(compose_cfg) -> None:
 def test_augmentation_turns_cache_off_unless_views_are_cached(compose_cfg) -> None:
     off = train(compose_cfg(*TINY, "trainer.max_epochs=1", "data.augment=true"))
     assert off["feature_cache"] is None
-    on = train(compose_cfg(*TINY, "trainer.max_epochs=1", "data.augment=true", "cache.views=2"))
+    on = train(own_dir(compose_cfg(*TINY, "trainer.max_epochs=1", "data.augment=true", "cache.views=2"), "views"))
     features = np.load(Path(on["feature_cache"]) / "train.0of1.features.npy", mmap_mode="r")
     assert features.shape[0] == 2 and features.shape[2] == 512
     assert not np.array_equal(features[0], features[1])  # two different augmented views
@@ -68,7 +70,7 @@ def test_fp16_storage_keeps_accuracy(compose_cfg) -> None:
     half = train(compose_cfg(*TINY, "trainer.max_epochs=1", "cache.dtype=float16"))
     features = np.load(Path(half["feature_cache"]) / "val.0of1.features.npy", mmap_mode="r")
     assert features.dtype == np.float16
-    full = train(compose_cfg(*TINY, "trainer.max_epochs=1"))
+    full = train(own_dir(compose_cfg(*TINY, "trainer.max_epochs=1"), "full"))
     assert half["feature_cache"] != full["feature_cache"]
     assert half["test"]["acc"] == pytest.approx(full["test"]["acc"], abs=0.03)
 

@@ -17,7 +17,7 @@ from finetune.module import FinetuneModule
 from finetune.strategies import param_groups, unfreeze_schedule
 from finetune.train import resolve_class_weights, train
 from finetune.unfreezing import StageUnfreezer
-from tests.conftest import kill_resume_and_compare, write_image_folder
+from tests.conftest import kill_resume_and_compare, own_dir, write_image_folder
 
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
 
@@ -177,7 +177,7 @@ def test_ema_weights_are_what_test_scores(compose_cfg) -> None:
     common = ("backbone.weights=none", "data.image_size=32", "trainer.max_epochs=2", "logger=none",
               "strategy=partial_unfreeze", "strategy.unfreeze_last=1", "cache.enabled=false")
     raw = train(compose_cfg(*common))
-    ema = train(compose_cfg(*common, "regularization.ema_decay=0.5"))
+    ema = train(own_dir(compose_cfg(*common, "regularization.ema_decay=0.5"), "ema"))
     assert ema["test"]["loss"] != pytest.approx(raw["test"]["loss"], abs=1e-6)
     state = torch.load(ema["best_checkpoint"], map_location="cpu", weights_only=True)
     assert "current_model_state" in state  # raw weights stored beside the averaged ones

@@ -11,9 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import torchvision
+from omegaconf import open_dict
 
 from finetune.errors import SetupError
-from finetune.resume import AtomicCheckpointIO, TrainingDiverged
+from finetune.resume import AtomicCheckpointIO, TrainingDiverged, check_resume_matches
 from finetune.train import train
 from tests.conftest import kill_resume_and_compare, write_image_folder
 
@@ -108,8 +110,70 @@ def test_resume_from_other_backbone_is_refused(compose_cfg, image_folder: Path) 
               "data.num_workers=0", "trainer.max_epochs=1", "logger=none")
     first = train(compose_cfg(*common))
     cfg = compose_cfg(*common, "backbone=vgg11", f"resume={first['best_checkpoint']}")
-    with pytest.raises(SetupError, match=r"'backbone': 'resnet18'.*'backbone': 'vgg11'"):
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(Path(cfg.paths.output_dir).parent / "continued")  # not the finished run's
+    with pytest.raises(SetupError, match=r"backbone is 'resnet18' in the checkpoint but 'vgg11' now"):
         train(cfg)
+
+
+@pytest.fixture
+def partial_run(compose_cfg, image_folder: Path, tmp_path: Path):
+    """A finished 1-epoch partial_unfreeze run's last.ckpt, and the overrides that made it."""
+    weights = tmp_path / "resnet18.pt"
+    torch.save(torchvision.models.resnet18().state_dict(), weights)
+    common = ("strategy=partial_unfreeze", f"backbone.weights={weights}", "data=folder", f"data.root={image_folder}",
+              "data.image_size=32", "data.num_workers=0", "data.check=false", "trainer.max_epochs=1",
+              "logger=none", "cache.enabled=false")
+    train(compose_cfg(*common))
+    return Path(compose_cfg().paths.output_dir) / "checkpoints" / "last.ckpt", common
+
+
+@pytest.mark.parametrize(("change", "named"), [
+    ("strategy.unfreeze_last=3", r"strategy.unfreeze_last is 2 in the checkpoint but 3 now"),
+    ("head.type=mlp", r"head.type is 'linear' in the checkpoint but 'mlp' now"),
+    ("backbone.weights=none", r"backbone.weights is '/.*resnet18.pt' in the checkpoint but 'none' now"),
+    ("optimizer.lr=0.5", r"optimizer.lr is 0.001 in the checkpoint but 0.5 now"),
+])
+def test_resume_with_a_setting_that_shapes_the_run_is_refused_up_front(compose_cfg, partial_run, change: str,
+                                                                       named: str) -> None:
+    last, common = partial_run
+    with pytest.raises(SetupError, match=named + r".*resume=none with another hydra.run.dir"):
+        check_resume_matches(last, compose_cfg(*common, change), num_classes=3)
+
+
+def test_resume_from_weights_none_with_a_weights_file_is_refused(compose_cfg, image_folder: Path,
+                                                                 tmp_path: Path) -> None:
+    common = ("backbone.weights=none", "data=folder", f"data.root={image_folder}", "data.image_size=32",
+              "data.num_workers=0", "data.check=false", "trainer.max_epochs=1", "logger=none")
+    train(compose_cfg(*common))
+    last = Path(compose_cfg().paths.output_dir) / "checkpoints" / "last.ckpt"
+    weights = tmp_path / "w.pt"
+    torch.save(torchvision.models.resnet18().state_dict(), weights)
+    with pytest.raises(SetupError, match=r"backbone.weights is 'none' in the checkpoint but '.*w.pt' now"):
+        check_resume_matches(last, compose_cfg(*common, f"backbone.weights={weights}"), num_classes=3)
+
+
+def test_resume_may_extend_max_epochs_and_name_the_same_weights_another_way(compose_cfg, partial_run,
+                                                                            monkeypatch) -> None:
+    last, common = partial_run
+    weights = Path(next(o for o in common if o.startswith("backbone.weights=")).split("=", 1)[1])
+    monkeypatch.chdir(weights.parent)
+    same = [o for o in common if not o.startswith(("backbone.weights=", "trainer.max_epochs="))]
+    check_resume_matches(last, compose_cfg(*same, f"backbone.weights=./{weights.name}", "trainer.max_epochs=2",
+                                           "head.dropout=0.3"), num_classes=3)
+    summary = train(compose_cfg(*common, "trainer.max_epochs=2", "resume=auto"))
+    assert summary["epochs_run"] == 2
+
+
+def test_same_weights_compares_sources_not_spellings(tmp_path: Path, monkeypatch) -> None:
+    from finetune.resume import same_weights
+
+    (tmp_path / "w.pt").write_bytes(b"x")
+    monkeypatch.chdir(tmp_path)
+    assert same_weights("imagenet", "IMAGENET") and same_weights(None, "none")
+    assert same_weights(str(tmp_path / "w.pt"), "w.pt") and same_weights("w.pt", "./sub/../w.pt")
+    assert not same_weights("imagenet", "none") and not same_weights("w.pt", "none")
+    assert not same_weights("w.pt", "other.pt")
 
 
 def test_resume_auto_skips_finished_run(compose_cfg) -> None:

@@ -27,6 +27,11 @@ class EpochSampler(Sampler[int]):
     uncached one, or runs with different ``num_workers``, saw different batches. Lightning calls
     ``set_epoch`` at the start of every epoch, also after a resume. ``weights``: draw with
     replacement in proportion to them (class balancing) instead of permuting.
+
+    ``start_at`` lets a run resumed mid-epoch continue the same order where it stopped: batch j of
+    an epoch is samples [j * batch_size, (j + 1) * batch_size) of the order, so skipping the first
+    k * batch_size samples yields exactly batches k.. (also with ``drop_last``). ``__len__`` stays
+    the epoch's full length: Lightning counts the epoch's batches from it, done ones included.
     """
 
     def __init__(self, size: int, seed: int, weights: torch.Tensor | None = None) -> None:
@@ -34,20 +39,33 @@ class EpochSampler(Sampler[int]):
         self.seed = int(seed)
         self.weights = weights
         self.epoch = 0
+        self.skip = 0  # samples left out of the next iteration only (one-shot)
 
     def set_epoch(self, epoch: int) -> None:
+        if int(epoch) != self.epoch:
+            self.skip = 0  # a pending skip belongs to the epoch it was set for
         self.epoch = int(epoch)
+
+    def start_at(self, epoch: int, skip: int) -> None:
+        """Make the next iteration epoch ``epoch``'s order without its first ``skip`` samples."""
+        if not 0 <= skip <= self.size:
+            raise ValueError(f"cannot skip {skip} of an epoch of {self.size} samples")
+        self.epoch = int(epoch)
+        self.skip = int(skip)
 
     def __len__(self) -> int:
         return self.size
 
-    def __iter__(self):  # type: ignore[override]
+    def order(self) -> list[int]:
+        """This epoch's full order (what ``skip`` counts from)."""
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         if self.weights is None:
-            order = torch.randperm(self.size, generator=generator)
-        else:
-            order = torch.multinomial(self.weights, self.size, replacement=True, generator=generator)
-        return iter(order.tolist())
+            return torch.randperm(self.size, generator=generator).tolist()
+        return torch.multinomial(self.weights, self.size, replacement=True, generator=generator).tolist()
+
+    def __iter__(self):  # type: ignore[override]
+        skip, self.skip = self.skip, 0
+        return iter(self.order()[skip:])
 
 
 def balanced_sampler(labels: list[int], seed: int = 0) -> EpochSampler:

@@ -1,0 +1,136 @@
+"""A run stopped by SIGTERM mid-epoch and resumed from interrupted.ckpt ends with an uninterrupted run's weights."""
+
+from __future__ import annotations
+
+import os
+import signal
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import open_dict
+from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+from finetune.data.datamodule import EpochSampler, balanced_sampler
+from finetune.module import FinetuneModule
+from finetune.train import train
+
+# Lightning's "... dataloader is not resumable. This can cause unreliable results": wrong once the resume is exact
+MID_EPOCH_WARNING = "resuming from a checkpoint that ended before the epoch ended"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Three short trainings per test: on a shared 2-core machine, torch's thread pool costs ~5x."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _cfg(compose_cfg, folder: Path, out: Path, *extra: str):
+    cfg = compose_cfg("backbone.weights=none", "data=folder", f"data.root={folder}", "data.image_size=32",
+                      "data.batch_size=4", "data.check=false", "data.augment=false", "trainer.max_epochs=2",
+                      "logger=none", "head.dropout=0.2", "optimizer.lr=3e-3", *extra)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(out)
+    return cfg
+
+
+def _sigterm_during(monkeypatch, epoch: int, batch: int) -> None:
+    """SIGTERM to this process in the training step of (epoch, batch; -1: the last): Lightning stops after it."""
+    original = FinetuneModule.training_step
+
+    def step(self, data, batch_idx):
+        if self.current_epoch == epoch and batch_idx == batch % self.trainer.num_training_batches:
+            handler = signal.getsignal(signal.SIGTERM)
+            assert callable(handler), "Lightning's SIGTERM handler is not installed: the signal would kill pytest"
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, data, batch_idx)
+
+    monkeypatch.setattr(FinetuneModule, "training_step", step)
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+
+
+def _interrupt_resume_compare(compose_cfg, monkeypatch, tmp_path: Path, folder: Path, *extra: str,
+                              at: tuple[int, int] = (1, 2)) -> dict:
+    """Train straight; train again, SIGTERM in batch ``at`` = (epoch, batch), resume=auto; compare weights.
+
+    Returns the interrupted checkpoint's batch progress in its epoch.
+    """
+    train(_cfg(compose_cfg, folder, tmp_path / "straight", *extra))
+
+    stopped = tmp_path / "stopped"
+    _sigterm_during(monkeypatch, *at)
+    with pytest.raises(SIGTERMException):
+        train(_cfg(compose_cfg, folder, stopped, *extra))
+    monkeypatch.undo()
+    state = torch.load(stopped / "checkpoints" / "interrupted.ckpt", map_location="cpu", weights_only=True)
+    progress = state["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(_cfg(compose_cfg, folder, stopped, *extra, "resume=auto"))
+    straight, resumed = _weights(tmp_path / "straight"), _weights(stopped)
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+        assert torch.equal(straight[key], resumed[key]), f"{key} differs after the mid-epoch resume"
+    assert not [w for w in caught if MID_EPOCH_WARNING in str(w.message)]
+    return progress
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_sigterm_mid_epoch_then_resume_equals_uninterrupted_run(compose_cfg, monkeypatch, tmp_path: Path,
+                                                                image_folder: Path, workers: int) -> None:
+    # The QA repro: partial fine-tuning on images (no cache), stopped in the second epoch after its 3rd batch.
+    progress = _interrupt_resume_compare(compose_cfg, monkeypatch, tmp_path, image_folder,
+                                         "strategy=partial_unfreeze", "cache.enabled=false",
+                                         f"data.num_workers={workers}", at=(1, 2))
+    assert progress["completed"] == 3  # saved mid-epoch
+
+
+def test_mid_epoch_resume_on_cached_features_keeps_the_unfreeze_schedule(compose_cfg, monkeypatch, tmp_path: Path,
+                                                                          image_folder: Path) -> None:
+    # layer4 unfreezes at epoch 1, where the run is stopped; the frozen prefix comes from the feature cache.
+    progress = _interrupt_resume_compare(compose_cfg, monkeypatch, tmp_path, image_folder,
+                                         "strategy=gradual_unfreeze", "strategy.milestones=[1]", "cache.enabled=true",
+                                         "data.num_workers=0", at=(1, 2))
+    assert progress["completed"] == 3
+
+
+def test_resume_at_an_epoch_boundary_skips_nothing_and_draws_that_epochs_order(compose_cfg, monkeypatch,
+                                                                               tmp_path: Path,
+                                                                               image_folder: Path) -> None:
+    # SIGTERM in the last batch of epoch 0: Lightning finishes the epoch, so the checkpoint is at its end. With a
+    # worker, Lightning 2.6 alone draws epoch 0's order again for epoch 1 (its issue #21938).
+    progress = _interrupt_resume_compare(compose_cfg, monkeypatch, tmp_path, image_folder,
+                                         "strategy=partial_unfreeze", "cache.enabled=false", "data.num_workers=1",
+                                         at=(0, -1))
+    assert progress["completed"] == progress["ready"] > 3  # a whole epoch
+
+
+@pytest.mark.parametrize("sampler", [EpochSampler(10, seed=3), balanced_sampler([0, 0, 0, 1, 1, 2, 2, 2, 2, 2], 3)])
+def test_start_at_skips_the_done_samples_once(sampler: EpochSampler) -> None:
+    sampler.set_epoch(4)
+    full = list(sampler)
+    sampler.start_at(4, 6)
+    assert list(sampler) == full[6:] and len(sampler) == 10  # Lightning still counts the whole epoch
+    assert list(sampler) == full  # one-shot: the next epoch is whole again
+    sampler.start_at(4, 6)
+    sampler.set_epoch(5)  # a skip belongs to its epoch
+    assert len(list(sampler)) == 10
+
+
+def test_batches_of_a_positioned_loader_are_the_remaining_batches_of_the_epoch() -> None:
+    from torch.utils.data import DataLoader
+
+    sampler = EpochSampler(11, seed=0)
+    loader = DataLoader(list(range(11)), batch_size=3, sampler=sampler, drop_last=True)
+    sampler.set_epoch(2)
+    whole = [b.tolist() for b in loader]
+    sampler.start_at(2, 2 * 3)
+    assert [b.tolist() for b in loader] == whole[2:] and len(loader) == 3
