@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sys
+import time
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
@@ -17,6 +19,7 @@ def _run(cfg: DictConfig) -> float | None:
 
     from finetune.train import check_config, train
 
+    started = time.time()
     try:
         check_config(cfg)
         return train(cfg)["objective"]
@@ -24,9 +27,20 @@ def _run(cfg: DictConfig) -> float | None:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(err.exit_code)
     except SIGTERMException:
-        print(f"interrupted by SIGTERM: a resumable checkpoint is in {cfg.paths.output_dir}/checkpoints; continue "
-              f"with the same command plus resume=auto hydra.run.dir={cfg.paths.output_dir}", file=sys.stderr)
+        _say_how_to_resume("SIGTERM", cfg)
         sys.exit(143)
+    except SystemExit as stop:
+        # Lightning turns Ctrl-C into exit(1) after our callback saved interrupted.ckpt
+        saved = Path(cfg.paths.output_dir) / "checkpoints" / "interrupted.ckpt"
+        if stop.code == 1 and saved.is_file() and saved.stat().st_mtime >= started:
+            _say_how_to_resume("Ctrl-C", cfg)
+            sys.exit(130)
+        raise
+
+
+def _say_how_to_resume(cause: str, cfg: DictConfig) -> None:
+    print(f"interrupted by {cause}: a resumable checkpoint is in {cfg.paths.output_dir}/checkpoints; continue "
+          f"with the same command plus resume=auto hydra.run.dir={cfg.paths.output_dir}", file=sys.stderr)
 
 
 def main() -> None:

@@ -49,15 +49,16 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted_run(tmp_path: Path, 
                             kill_after_epoch=0, settle=0.3)
 
 
-def test_sigterm_saves_resumable_checkpoint(tmp_path: Path, big_folder: Path) -> None:
+@pytest.mark.parametrize(("sent", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["sigterm", "ctrl-c"])
+def test_interrupt_saves_resumable_checkpoint(tmp_path: Path, big_folder: Path, sent: int, code: int) -> None:
     run_dir = tmp_path / "run"
     proc = subprocess.Popen(_args(big_folder, run_dir, "trainer.max_epochs=2"), env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     _wait_for(run_dir / "csv" / "hparams.yaml", proc)  # training has started
     time.sleep(1.0)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sent)
     _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 143, stderr[-2000:]
+    assert proc.returncode == code, stderr[-2000:]
     assert "resume=auto" in stderr and "Traceback" not in stderr
     assert (run_dir / "checkpoints" / "interrupted.ckpt").is_file()
     resumed = subprocess.run(_args(big_folder, run_dir, "trainer.max_epochs=2", "resume=auto"), env=ENV,
