@@ -49,3 +49,17 @@ def test_cache_fidelity_quick_mode_finds_cpu_features_identical(tmp_path: Path) 
     assert all(0 <= row["rel_to_spread"] < 1e-4 for row in results.values())
     # on CPU the cache's extraction and the uncached training path compute the very same features
     assert results["cache vs uncached | tf32=False"]["rel_to_spread"] == 0.0
+
+
+def test_cached_training_step_makes_a_gpu_wait_only_for_the_periodic_nan_check(tmp_path: Path) -> None:
+    """Per step, no host read of a device value (a GPU sync) besides FiniteLoss's one read every 10 steps."""
+    result_file = tmp_path / "result.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MPLBACKEND": "Agg"}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "step_ops.py"), "--quick", "--device", "cpu", "--json",
+         str(result_file)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    per_step = json.loads(result_file.read_text())["per_step"]
+    assert per_step["host_reads_waiting_for_gpu"] <= 0.1 + 1e-9, per_step
+    assert 0 < per_step["kernels"] < 40, per_step  # 42 before the NaN check and epoch sums left the step
