@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -212,6 +213,7 @@ def children_cpu_seconds() -> float:
 
 def run_recipe(name: str, base: list[str], args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     run_dir = workdir / "runs" / name
+    shutil.rmtree(run_dir / "out", ignore_errors=True)  # a kept --keep folder: the recipe runs anew
     run_dir.mkdir(parents=True, exist_ok=True)
     overrides = [
         *base, *recipe_overrides(name, args.epochs),

@@ -83,6 +83,7 @@ def compose(overrides: list[str], work: Path, name: str) -> Any:
 
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         cfg = hydra_compose(config_name="config", overrides=overrides)
+    shutil.rmtree(work / "runs" / name, ignore_errors=True)  # a kept --work-dir: this run starts anew
     with open_dict(cfg):
         cfg.paths.output_dir = str(work / "runs" / name)
         cfg.paths.cache_dir = str(work / "cache")
