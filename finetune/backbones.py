@@ -320,10 +320,11 @@ def _load_into(model: nn.Module, name: str, state: dict[str, torch.Tensor], sour
     state = _strip_prefix(state, COMPILED_PREFIX)
     if any(k.startswith(STAGE_KEYS_PREFIX) for k in state):
         renamed = torchvision_keys(name)
-        head = [k for k in state if k.startswith("head.")]
-        if head:
-            log.info("The classifier head in %s (%d tensors) is not used: this run builds its own.", source, len(head))
-        state = {renamed.get(k, k): v for k, v in state.items() if not k.startswith("head.")}
+        other = [k for k in state if not k.startswith(STAGE_KEYS_PREFIX)]
+        if other:  # the head (trained for another run's classes), a weighted loss's class weights, ...
+            log.info("%s: %d tensors outside the backbone (the classifier head, e.g. %s) are not used: this run "
+                     "builds its own classifier head.", source, len(other), other[0])
+        state = {renamed.get(k, k): v for k, v in state.items() if k.startswith(STAGE_KEYS_PREFIX)}
     own = model.state_dict()
     head_prefix = "fc." if family(name) == "resnet" else "classifier.6."
     wanted = {k for k in own if not k.startswith(head_prefix)}

@@ -356,8 +356,11 @@ def _lookup(hp: dict[str, Any], field: str) -> tuple[bool, Any]:
 def _same(key: str, old: Any, new: Any) -> bool:
     if key == "backbone.weights":
         return same_weights(old, new)
-    if key == "loss.class_weights" and new == "auto":
-        return old is not None  # computed from the train split: equal for the same data
+    if key == "loss.class_weights":
+        if new in (None, "none", "null", False) or new == []:
+            return old is None  # every spelling of "no class weights" (resolve_class_weights)
+        if new == "auto":
+            return old is not None  # computed from the train split: equal for the same data
     if isinstance(old, int | float) and isinstance(new, int | float) and not isinstance(old, bool):
         return float(old) == float(new)
     if isinstance(old, list | tuple) and isinstance(new, list | tuple):

@@ -35,7 +35,7 @@ from finetune.resume import (
     check_resume_matches,
     resolve_resume,
 )
-from finetune.run_dir import claim_run_dir
+from finetune.run_dir import claim_run_dir, set_aside
 from finetune.run_outputs import TrainingPeakMemory, reset_peak_memory
 from finetune.summary import device_name, make_summary, write_run_files
 from finetune.unfreezing import StageUnfreezer
@@ -189,7 +189,7 @@ def build_datamodule(
     )
 
 
-MONITORS = ("val/acc", "val/mean_class_acc", "val/f1_macro", "val/top5", "val/loss")
+MONITORS = ("val/acc", "val/mean_class_acc", "val/f1_macro", "val/top5", "val/loss", "train/acc", "train/loss_epoch")
 
 
 def monitor_mode(cfg: DictConfig) -> str:
@@ -336,9 +336,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     reset_peak_memory()
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    done = claim_run_dir(cfg, out_dir)  # refuses to overwrite a finished run; resume=auto skips a matching one
-    if done is not None:
-        return done
+    claim = claim_run_dir(cfg, out_dir)  # refuses to overwrite a finished run; resume=auto skips a matching one
+    if claim.finished is not None:
+        return claim.finished
     pl.seed_everything(int(cfg.seed), workers=True)
     apply_tf32((cfg.get("speed") or {}).get("tf32", "auto"))
 
@@ -346,7 +346,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if cfg.monitor == "val/top5" and splits.num_classes < 5:
         raise SetupError(f"monitor=val/top5 needs 5 or more classes; this data has {splits.num_classes}. "
                          f"Use val/acc or val/mean_class_acc.")
+    resume_from = None
+    if cfg.strategy.name != "linear_probe":
+        resume_from = resolve_resume(cfg.get("resume"), out_dir)
+        if resume_from is not None:  # before anything is written: a refused resume leaves the folder as it was
+            check_resume_matches(resume_from, cfg, splits.num_classes)
+            log.info("resuming from %s", resume_from)
     module = build_module(cfg, splits)
+    if claim.extends is not None:
+        set_aside(claim.extends)
     (out_dir / "resolved_config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     if cfg.strategy.name == "linear_probe":
         from finetune.linear_probe import run_linear_probe
@@ -358,10 +366,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         module = module.to(memory_format=torch.channels_last)
     fit_module = torch.compile(module) if cfg.get("speed", {}).get("compile", False) else module
 
-    resume_from = resolve_resume(cfg.get("resume"), out_dir)
-    if resume_from is not None:
-        check_resume_matches(resume_from, cfg, splits.num_classes)
-        log.info("resuming from %s", resume_from)
     loggers = build_loggers(cfg)
     trainer_kwargs: dict[str, Any] = {}
     if cfg.callbacks.progress_bar == "none":
@@ -478,7 +482,7 @@ def check_training_values(cfg: DictConfig) -> None:
     if workers not in (None, "auto") and (not str(workers).lstrip("-").isdigit() or int(workers) < 0):
         raise SetupError(f"data.num_workers={workers} must be auto (sized from the machine) or an integer >= 0.")
     precision = cfg.trainer.get("precision", "32-true")
-    if str(precision) not in PRECISIONS:
+    if precision is not None and str(precision) not in PRECISIONS:  # None: Lightning's default
         raise SetupError(f"trainer.precision={precision} is not one Lightning knows: use one of "
                          f"{', '.join(PRECISIONS)} (e.g. bf16-mixed on a recent GPU, 32-true on a CPU).")
     epochs = cfg.trainer.get("max_epochs")

@@ -240,3 +240,14 @@ def test_finetune_checkpoint_of_another_backbone_is_refused(tmp_path) -> None:
                                          r"backbone=resnet18"):
         build_backbone("resnet34", str(path))
     assert_same_tensors(module_keys(build_backbone("resnet18", str(path))), module_keys(module.backbone))
+
+
+def test_finetune_checkpoint_with_class_weights_loads_only_its_backbone(tmp_path) -> None:
+    """A weighted loss stores its class weights in the state_dict: not a backbone tensor, not an error."""
+    from finetune.module import FinetuneModule
+
+    module = FinetuneModule("resnet18", num_classes=3, weights="none", class_weights=[1.0, 2.0, 0.5])
+    assert "criterion.weight" in module.state_dict()
+    path = tmp_path / "weighted.ckpt"
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, path)
+    assert_same_tensors(module_keys(build_backbone("resnet18", str(path))), module_keys(module.backbone))

@@ -202,3 +202,22 @@ def test_finite_loss_names_the_first_bad_step_without_per_step_checks(tmp_path: 
     late.on_train_batch_end(trainer, None, {"loss": torch.tensor(float("nan"))}, None, 0)
     with pytest.raises(TrainingDiverged, match=f"global step {trainer.global_step - 1} "):
         late.on_train_epoch_end(trainer, None)  # a bad last step of an epoch is caught before the next one
+
+
+def test_refused_resume_leaves_the_run_folder_as_it_was(compose_cfg, partial_run) -> None:
+    last, common = partial_run
+    run_dir = last.parent.parent
+    (run_dir / "summary.json").unlink()  # an unfinished run, as after a crash
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+    with pytest.raises(SetupError, match=r"optimizer.lr is 0.001 in the checkpoint but 0.5 now"):
+        train(compose_cfg(*common, "optimizer.lr=0.5", "resume=auto"))
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == before  # resolved_config.yaml too
+
+
+@pytest.mark.parametrize("spelling", ["none", "null", "false"])
+def test_no_class_weights_is_the_same_setting_however_spelt(compose_cfg, spelling: str) -> None:
+    from finetune.resume import resume_differences
+
+    cfg = compose_cfg(f"loss.class_weights={spelling}")
+    assert "loss.class_weights" not in resume_differences({"class_weights": None}, cfg, 3)
+    assert "loss.class_weights" in resume_differences({"class_weights": [1.0, 2.0, 1.0]}, cfg, 3)

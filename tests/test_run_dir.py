@@ -15,7 +15,15 @@ import finetune.train as train_module
 from finetune import config_dir
 from finetune.errors import SetupError
 from finetune.features import FeatureDataset, ShardFiles
-from finetune.run_dir import CONFIG_NAME, RESULT_NEUTRAL_KEYS, claim_run_dir, resolved_config
+from finetune.run_dir import (
+    CONFIG_NAME,
+    RESULT_NEUTRAL_KEYS,
+    Claim,
+    claim_run_dir,
+    config_differences,
+    resolved_config,
+    set_aside,
+)
 from finetune.run_outputs import write_json_atomic
 from finetune.train import build_callbacks, check_config, monitor_mode, train
 
@@ -52,14 +60,14 @@ def test_unfinished_run_with_checkpoints_needs_resume(compose_cfg) -> None:
     (out / "checkpoints" / "last.ckpt").write_bytes(b"x")
     with pytest.raises(SetupError, match=r"unfinished run.*resume=auto"):
         claim_run_dir(cfg, out)
-    assert claim_run_dir(compose_cfg("resume=auto"), out) is None
+    assert claim_run_dir(compose_cfg("resume=auto"), out) == Claim()
 
 
 def test_resume_auto_skips_only_a_run_with_the_same_config(compose_cfg) -> None:
     out = finish(compose_cfg("optimizer.lr=0.01", "resume=auto"), {"finished_at": "then"})
     # result-neutral keys may differ (another machine, more workers, no progress bar)
     same = compose_cfg("optimizer.lr=0.01", "resume=auto", "data.num_workers=3", "callbacks.progress_bar=tqdm")
-    assert claim_run_dir(same, out) == {"finished_at": "then"}
+    assert claim_run_dir(same, out).finished == {"finished_at": "then"}
     for override, key in (("optimizer.lr=0.02", "optimizer.lr"), ("seed=7", "seed")):
         with pytest.raises(SetupError, match=rf"another config \({key}: .* there, .* now\)"):
             claim_run_dir(compose_cfg("optimizer.lr=0.01", "resume=auto", override), out)
@@ -67,12 +75,39 @@ def test_resume_auto_skips_only_a_run_with_the_same_config(compose_cfg) -> None:
 
 
 def test_resume_auto_extends_a_finished_run_to_more_epochs(compose_cfg) -> None:
-    out = finish(compose_cfg("trainer.max_epochs=2", "resume=auto"))
+    out = finish(compose_cfg("trainer.max_epochs=2", "resume=auto"), {"epochs_run": 2})
     with pytest.raises(SetupError, match="another config"):
         claim_run_dir(compose_cfg("trainer.max_epochs=1", "resume=auto"), out)  # fewer epochs: not an extension
-    assert claim_run_dir(compose_cfg("trainer.max_epochs=4", "resume=auto"), out) is None
+    with pytest.raises(SetupError, match=r"last\.ckpt is gone"):
+        claim_run_dir(compose_cfg("trainer.max_epochs=4", "resume=auto"), out)
+    (out / "checkpoints").mkdir()
+    (out / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    claim = claim_run_dir(compose_cfg("trainer.max_epochs=4", "resume=auto"), out)
+    assert claim == Claim(extends=out / "summary.json") and (out / "summary.json").is_file()  # deciding writes nothing
+    assert set_aside(claim.extends) == out / "summary.until-epoch2.json"
     assert not (out / "summary.json").exists()  # unfinished again until the extension ends ...
-    assert json.loads((out / "summary.previous.json").read_text()) == {"finished_at": "then"}  # ... nothing lost
+    (out / "summary.json").write_text(json.dumps({"epochs_run": 4}))  # ... which ends, and is extended again
+    set_aside(out / "summary.json")
+    kept = {p.name: json.loads(p.read_text()) for p in out.glob("summary.until-epoch*.json")}
+    assert kept == {"summary.until-epoch2.json": {"epochs_run": 2}, "summary.until-epoch4.json": {"epochs_run": 4}}
+    assert set_aside(out / "summary.json") is None  # another rank moved it first: nothing to do, no crash
+
+
+def test_config_keys_added_later_and_a_moved_run_folder_are_no_difference(compose_cfg, tmp_path: Path) -> None:
+    cfg = compose_cfg("resume=auto")
+    stored = resolved_config(cfg)
+    del stored["monitor_mode"]  # written by a version without that key
+    moved = str(tmp_path / "elsewhere" / "run")
+    stored["paths"]["output_dir"] = moved  # the folder was copied here from elsewhere
+    stored["callbacks"]["checkpoint"]["dirpath"] = f"{moved}/checkpoints"
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True)
+    (out / CONFIG_NAME).write_text(yaml.safe_dump(stored))
+    (out / "summary.json").write_text("{}")
+    assert config_differences(stored, resolved_config(cfg)) == {}
+    assert claim_run_dir(cfg, out).finished == {}
+    stored["callbacks"]["checkpoint"]["dirpath"] = "/somewhere/else/checkpoints"  # not inside the run folder
+    assert list(config_differences(stored, resolved_config(cfg))) == ["callbacks.checkpoint.dirpath"]
 
 
 def test_resolved_config_round_trips_unchanged(compose_cfg) -> None:
@@ -104,6 +139,7 @@ def test_bad_values_are_refused_before_training(compose_cfg, override: str, key:
 def test_good_values_pass(compose_cfg) -> None:
     check_config(compose_cfg("trainer.precision=bf16-mixed", "data.num_workers=2", "cache.dtype=float16",
                              "regularization.ema_decay=0.999", "monitor=val/loss", "trainer.max_epochs=-1"))
+    check_config(compose_cfg("trainer.precision=null", "monitor=train/acc"))  # null: Lightning's default
 
 
 def test_loss_monitor_keeps_the_lowest_and_sweep_direction_must_agree(compose_cfg, monkeypatch) -> None:
