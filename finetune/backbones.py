@@ -20,7 +20,7 @@ import torchvision
 from torch import nn
 
 from finetune.errors import SetupError
-from finetune.frozen_weights import COMPILED_PREFIX, RECORD_KEY
+from finetune.frozen_weights import COMPILED_PREFIX, RECORD_KEY, STAGE_KEYS_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +30,6 @@ BACKBONE_NAMES = VGG_NAMES + RESNET_NAMES
 
 RESNET_STAGES = ("stem", "layer1", "layer2", "layer3", "layer4")
 VGG_STAGES = ("block1", "block2", "block3", "block4", "block5", "fc6", "fc7")
-# How a FinetuneModule's state_dict names backbone tensors: backbone.stages.<stage>.<key in the stage>
-STAGE_KEYS_PREFIX = "backbone.stages."
 
 
 @dataclass(frozen=True)
@@ -303,7 +301,8 @@ def finetune_checkpoint_state(path: Path, checkpoint: dict[str, Any], name: str 
     return checkpoint["state_dict"]
 
 
-def _strip_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+def strip_prefix(state: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """Keys without ``prefix`` when every key has it (DataParallel's module., torch.compile's _orig_mod.)."""
     if state and all(k.startswith(prefix) for k in state):
         return {k[len(prefix):]: v for k, v in state.items()}
     return state
@@ -315,9 +314,9 @@ def _load_into(model: nn.Module, name: str, state: dict[str, torch.Tensor], sour
     A FinetuneModule's state_dict (a finetune checkpoint's) is taken under torchvision's keys; its
     head, trained for another run's classes, is dropped.
     """
-    state = _strip_prefix(state, "module.")
-    state = _strip_prefix(state, "model.")
-    state = _strip_prefix(state, COMPILED_PREFIX)
+    state = strip_prefix(state, "module.")
+    state = strip_prefix(state, "model.")
+    state = strip_prefix(state, COMPILED_PREFIX)
     if any(k.startswith(STAGE_KEYS_PREFIX) for k in state):
         renamed = torchvision_keys(name)
         other = [k for k in state if not k.startswith(STAGE_KEYS_PREFIX)]

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from finetune.backbones import Preprocessing, preprocessing_for
+from finetune.backbones import Preprocessing, preprocessing_for, strip_prefix
 from finetune.errors import SetupError
 from finetune.frozen_weights import COMPILED_PREFIX, RECORD_KEY
 from finetune.module import FinetuneModule
@@ -155,9 +155,7 @@ def build_module(hparams: dict[str, Any], path: Path, record: dict[str, Any] | N
 
 def strip_compiled(state_dict: dict[str, Any]) -> dict[str, Any]:
     """A state_dict of a torch.compile'd module, under the plain module's keys."""
-    if state_dict and all(k.startswith(COMPILED_PREFIX) for k in state_dict):
-        return {k[len(COMPILED_PREFIX):]: v for k, v in state_dict.items()}
-    return state_dict
+    return strip_prefix(state_dict, COMPILED_PREFIX)
 
 
 def load_weights(module: FinetuneModule, state_dict: dict[str, Any], path: Path) -> None:

@@ -22,8 +22,8 @@ from rich.console import Console
 from rich.table import Table
 
 from finetune.errors import SetupError
+from finetune.run_dir import SUMMARY_NAME
 
-SUMMARY_NAME = "summary.json"
 MISSING = "-"
 
 # Flat column name -> key path inside summary.json. The order is the CSV order.

@@ -25,6 +25,8 @@ RECORD_KEY = "finetune_frozen_stages"
 MODES = ("reference", "store")
 # torch.compile's wrapper prefixes every state_dict key with this.
 COMPILED_PREFIX = "_orig_mod."
+# How a FinetuneModule's state_dict names backbone tensors: backbone.stages.<stage>.<key in the stage>
+STAGE_KEYS_PREFIX = "backbone.stages."
 SAMPLES_PER_TENSOR = 1024
 
 
@@ -32,7 +34,7 @@ def stage_of(key: str, stages: Iterable[str]) -> str | None:
     """The backbone stage a state_dict key belongs to, among ``stages`` (None if another part)."""
     key = key.removeprefix(COMPILED_PREFIX)
     for stage in stages:
-        if key.startswith(f"backbone.stages.{stage}."):
+        if key.startswith(f"{STAGE_KEYS_PREFIX}{stage}."):
             return stage
     return None
 
@@ -92,7 +94,7 @@ class HeldStages:
     def load(self, state: Mapping[str, torch.Tensor]) -> None:
         """Load tensors (module keys) into the held stages; every held tensor must be given."""
         for name, stage in self.stages.items():
-            prefix = f"backbone.stages.{name}."
+            prefix = f"{STAGE_KEYS_PREFIX}{name}."
             stage.load_state_dict({k.removeprefix(COMPILED_PREFIX).removeprefix(prefix): v
                                    for k, v in state.items() if stage_of(k, [name])}, strict=True)
 

@@ -16,6 +16,7 @@ from finetune.errors import SetupError
 from finetune.frozen_weights import (
     MODES,
     RECORD_KEY,
+    STAGE_KEYS_PREFIX,
     DetachedStage,
     HeldStages,
     fingerprint,
@@ -68,6 +69,34 @@ def group_lr_lambda(start: int, warmup: int, total: int, min_ratio: float, cosin
         return warmup_cosine(step - start, warmup, max(1, total - start), min_ratio)
 
     return multiplier
+
+
+class EpochMeans:
+    """Per-step losses (and correct predictions) of one epoch, kept on the device and reduced once at its end.
+
+    On cached features a self.log call per step, or a few kernel launches per step, cost more than
+    the head's own step; this costs one append per value and nothing that waits for the device.
+    """
+
+    def __init__(self) -> None:
+        self.losses: list[torch.Tensor] = []
+        self.hits: list[torch.Tensor] = []
+        self.sizes: list[int] = []
+
+    def add(self, loss: torch.Tensor, size: int, hits: torch.Tensor | None = None) -> None:
+        self.losses.append(loss.detach())
+        self.sizes.append(size)
+        if hits is not None:
+            self.hits.append(hits)
+
+    def means(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """Per-sample mean loss (float32, also under bf16/16-true) and accuracy (None without hits)."""
+        if not self.sizes:
+            return None
+        seen = sum(self.sizes)
+        sizes = torch.tensor(self.sizes, dtype=torch.float32, device=self.losses[0].device)
+        loss = (torch.stack(self.losses).float() * sizes).sum() / seen
+        return loss, torch.stack(self.hits).sum().float() / seen if self.hits else None
 
 
 class FinetuneModule(pl.LightningModule):
@@ -123,11 +152,7 @@ class FinetuneModule(pl.LightningModule):
         self.test_confusion = MulticlassConfusionMatrix(num_classes)
         self.confusion_matrix: torch.Tensor | None = None
         self.held: HeldStages | None = None  # the frozen prefix while detached
-        # this epoch's per-step train losses, correct predictions and batch sizes (reduced at epoch end)
-        self.train_losses: list[torch.Tensor] = []
-        self.train_hits: list[torch.Tensor] = []
-        self.train_sizes: list[int] = []
-        self.eval_sums: dict[str, tuple[torch.Tensor | None, int]] = {}  # val/test loss sums this epoch
+        self.epoch_means = {"train": EpochMeans(), "val": EpochMeans(), "test": EpochMeans()}  # this epoch's
         self._fingerprints: dict[tuple[str, ...], str] = {}
         if self.omitted_stages:  # now, as the source gave them: later the module may be cast (bf16-true)
             self.frozen_fingerprint(self.omitted_stages)
@@ -156,7 +181,7 @@ class FinetuneModule(pl.LightningModule):
     def frozen_state(self, stages: list[str]) -> dict[str, torch.Tensor]:
         """Tensors of frozen ``stages`` under their module keys, whether attached or held."""
         held = self.held.stages if self.held is not None else {}
-        return {f"backbone.stages.{name}.{key}": value for name in stages
+        return {f"{STAGE_KEYS_PREFIX}{name}.{key}": value for name in stages
                 for key, value in (held[name] if name in held else self.backbone.stages[name]).state_dict().items()}
 
     def frozen_fingerprint(self, stages: list[str]) -> str:
@@ -274,51 +299,32 @@ class FinetuneModule(pl.LightningModule):
         else:
             logits = self(x)
             loss = self.criterion(logits, y)
-        # Epoch loss and accuracy stay on the device and are reduced once per epoch; the step loss is
-        # logged only when a logger writes this step or a progress bar shows it. On cached features a
-        # self.log call, or a few extra kernel launches, cost more than the head's optimizer step.
-        self.train_losses.append(loss.detach())
-        self.train_hits.append((logits.argmax(1) == y).sum())
-        self.train_sizes.append(len(y))
+        # Epoch loss and accuracy are reduced once per epoch (EpochMeans); the step loss is logged only
+        # when a logger writes this step or a progress bar shows it, and goes on the bar only when there
+        # is one (Lightning reads bar values to the host every step).
+        self.epoch_means["train"].add(loss, len(y), hits=(logits.argmax(1) == y).sum())
         trainer = self._trainer
-        if self._step_loss_wanted():
-            # on the progress bar only when there is one: Lightning reads bar values to the host every step
-            self.log("train/loss_step", loss, on_step=True, on_epoch=False,
-                     prog_bar=trainer is None or trainer.progress_bar_callback is not None)
+        bar = trainer is None or trainer.progress_bar_callback is not None
+        connector = getattr(trainer, "_logger_connector", None)
+        if bar or connector is None or connector.should_update_logs or trainer.fast_dev_run:
+            self.log("train/loss_step", loss, on_step=True, on_epoch=False, prog_bar=bar)
         return loss
 
-    def _step_loss_wanted(self) -> bool:
-        trainer = self._trainer
-        if trainer is None:
-            return True
-        connector = getattr(trainer, "_logger_connector", None)
-        return (trainer.progress_bar_callback is not None or connector is None or connector.should_update_logs
-                or bool(trainer.fast_dev_run))
-
     def on_train_epoch_start(self) -> None:
-        self.train_losses, self.train_hits, self.train_sizes = [], [], []
-
-    def train_epoch_means(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """This epoch's mean train loss (float32, also under bf16/16-true) and accuracy on this rank."""
-        if not self.train_sizes:
-            return None
-        seen = sum(self.train_sizes)
-        sizes = torch.tensor(self.train_sizes, dtype=torch.float32, device=self.train_losses[0].device)
-        loss = (torch.stack(self.train_losses).float() * sizes).sum() / seen
-        return loss, torch.stack(self.train_hits).sum().float() / seen
+        self.epoch_means["train"] = EpochMeans()
 
     def on_train_epoch_end(self) -> None:
-        means = self.train_epoch_means()
+        means = self.epoch_means["train"].means()
+        self.epoch_means["train"] = EpochMeans()
         if means is not None:
             # averaged over DDP ranks (once per epoch, so the sync costs nothing worth counting)
             self.log("train/loss_epoch", means[0], on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
             self.log("train/acc", means[1], on_step=False, on_epoch=True, sync_dist=True)
-        self.train_losses, self.train_hits, self.train_sizes = [], [], []
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch
         logits = self(x)
-        self._add_eval_loss("val", logits, y)
+        self.epoch_means["val"].add(self.criterion(logits, y), len(y))
         self.val_metrics.update(logits, y)
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
@@ -326,21 +332,16 @@ class FinetuneModule(pl.LightningModule):
         logits = self(x)
         if self.regularization.get("tta_hflip") and self.input_stage == 0 and x.ndim == 4:
             logits = (logits.softmax(1) + self(x.flip(-1)).softmax(1)).log()  # average of probabilities
-        self._add_eval_loss("test", logits, y)
+        self.epoch_means["test"].add(self.criterion(logits, y), len(y))
         self.test_metrics.update(logits, y)
         self.test_confusion.update(logits, y)
 
-    def _add_eval_loss(self, split: str, logits: torch.Tensor, y: torch.Tensor) -> None:
-        """Summed on the device; logged once at epoch end (per-step self.log calls cost more than the step)."""
-        summed = self.criterion(logits, y).detach().float() * len(y)
-        total, seen = self.eval_sums.get(split, (None, 0))
-        self.eval_sums[split] = (summed if total is None else total + summed, seen + len(y))
-
     def _log_eval(self, split: str, metrics: MetricCollection, prog_bar: bool) -> None:
-        total, seen = self.eval_sums.pop(split, (None, 0))
-        if total is None or not seen:
+        means = self.epoch_means[split].means()
+        self.epoch_means[split] = EpochMeans()
+        if means is None:
             return
-        self.log(f"{split}/loss", total / seen, sync_dist=True)
+        self.log(f"{split}/loss", means[0], sync_dist=True)
         self.log_dict(metrics.compute(), prog_bar=prog_bar)  # torchmetrics gathers every rank's state itself
         metrics.reset()
 

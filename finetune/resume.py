@@ -20,6 +20,7 @@ from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 from finetune.data.datamodule import EpochSampler
 from finetune.errors import SetupError
+from finetune.run_dir import NO_RESUME
 from finetune.run_outputs import write_atomic
 
 log = logging.getLogger(__name__)
@@ -65,15 +66,13 @@ class InterruptCheckpoint(pl.Callback):
     """On Ctrl-C or SIGTERM (what SLURM sends before preemption), save a resumable checkpoint.
 
     Other exceptions (a diverged loss, a bug) save nothing: the last good checkpoint stays. Such a
-    checkpoint is usually taken mid-epoch; a resume from it continues with the next batch of that
-    epoch's order (:func:`position_train_loaders`), so it ends with the weights of an uninterrupted run.
+    checkpoint is usually taken mid-epoch; :class:`ResumeInEpoch` makes a resume from it go on with
+    the next batch of that epoch's order.
     """
 
     def __init__(self, dirpath: str | os.PathLike) -> None:
         self.dirpath = Path(dirpath)
         self.saved: Path | None = None
-        self._first_batch: int | None = None  # batch index the resumed epoch must go on with
-        self._quiet: tuple | None = None  # the warnings filter hiding Lightning's mid-epoch warning
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         from pytorch_lightning.utilities.exceptions import SIGTERMException
@@ -84,6 +83,17 @@ class InterruptCheckpoint(pl.Callback):
         trainer.save_checkpoint(str(path))
         self.saved = path
         log.warning("interrupted: resumable checkpoint saved to %s", path)
+
+
+class ResumeInEpoch(pl.Callback):
+    """A run resumed mid-epoch goes on with the next batch of the same order, with that epoch's stages.
+
+    It then ends with the weights of an uninterrupted run (:func:`position_train_loaders`).
+    """
+
+    def __init__(self) -> None:
+        self._first_batch: int | None = None  # batch index the resumed epoch must go on with
+        self._quiet: tuple | None = None  # the warnings filter hiding Lightning's mid-epoch warning
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if restarted_inside_epoch(trainer):
@@ -260,7 +270,7 @@ def latest_checkpoint(folder: Path) -> Path | None:
 
 def resolve_resume(value: Any, run_dir: Path) -> Path | None:
     """``resume=auto``: the run directory's latest checkpoint (none: a fresh start); ``resume=PATH``: that file."""
-    if value in (None, False, "none", "null", ""):
+    if value in NO_RESUME:
         return None
     if value == "auto":
         return latest_checkpoint(run_dir / "checkpoints")

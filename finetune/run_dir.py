@@ -21,14 +21,14 @@ from finetune.errors import SetupError
 
 log = logging.getLogger(__name__)
 
-CONFIG_NAME = "resolved_config.yaml"
-SUMMARY_NAME = "summary.json"
+CONFIG_NAME = "resolved_config.yaml"  # the run's config, resolved: written before training
+SUMMARY_NAME = "summary.json"  # written last: its presence means the run finished
+NO_RESUME = (None, False, "none", "null", "")  # how a config says "start fresh"
 # Keys that do not change what a run computes (where files go, how it is shown, where it runs):
 # they neither name a sweep job's folder (conf/hydra/default.yaml's exclude_keys) nor make a
 # finished run's config differ.
 RESULT_NEUTRAL_KEYS = ("resume", "paths", "cache.dir", "callbacks.progress_bar", "data.num_workers",
                        "trainer.accelerator", "trainer.devices")
-_MISSING = "<not set>"
 
 
 def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
@@ -103,7 +103,7 @@ def claim_run_dir(cfg: DictConfig, out_dir: Path) -> Claim:
     finished = out_dir / SUMMARY_NAME
     if not finished.is_file():
         has_checkpoints = any((out_dir / "checkpoints").glob("*.ckpt"))
-        if resume in (None, False, "none", "null", "") and has_checkpoints:
+        if resume in NO_RESUME and has_checkpoints:
             raise SetupError(
                 f"{out_dir} holds checkpoints of an unfinished run; starting a new run there would mix the two. "
                 f"Continue it with resume=auto (same hydra.run.dir), or choose another hydra.run.dir (the default "

@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from finetune.backbones import weights_source
 from finetune.data.datasets import class_counts
 from finetune.module import FinetuneModule
+from finetune.run_dir import CONFIG_NAME, SUMMARY_NAME
 from finetune.run_outputs import peak_memory, plot_confusion_matrix, write_json_atomic
 from finetune.strategies import count_params
 from finetune.unfreezing import unfreeze_events
@@ -61,7 +62,7 @@ def make_summary(
         "peak_memory": peak_memory(),
         "device": device,
         "precision": str(cfg.trainer.get("precision")),
-        "config_path": str(out_dir / "resolved_config.yaml"),
+        "config_path": str(out_dir / CONFIG_NAME),
         "run_dir": str(out_dir),
         "seed": int(cfg.seed),
         "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -91,4 +92,4 @@ def write_run_files(summary: dict[str, Any], confusion: torch.Tensor | None, cla
     """The plot first, summary.json last (atomically): a present summary means a finished run."""
     if confusion is not None:
         plot_confusion_matrix(confusion, classes, out_dir / "confusion_matrix.png")
-    write_json_atomic(out_dir / "summary.json", summary)
+    write_json_atomic(out_dir / SUMMARY_NAME, summary)

@@ -26,16 +26,18 @@ from finetune.data.datasets import Splits, class_counts, load_splits
 from finetune.data.transforms import describe, eval_transform, train_transform
 from finetune.errors import SetupError
 from finetune.features import FeatureCacheDataModule, cache_key, frozen_prefix, weights_identity
+from finetune.frozen_weights import MODES
 from finetune.module import FinetuneModule
 from finetune.resume import (
     AtomicCheckpointIO,
     FiniteLoss,
     InterruptCheckpoint,
+    ResumeInEpoch,
     RNGState,
     check_resume_matches,
     resolve_resume,
 )
-from finetune.run_dir import claim_run_dir, set_aside
+from finetune.run_dir import CONFIG_NAME, SUMMARY_NAME, claim_run_dir, set_aside
 from finetune.run_outputs import TrainingPeakMemory, reset_peak_memory
 from finetune.summary import device_name, make_summary, write_run_files
 from finetune.unfreezing import StageUnfreezer
@@ -197,6 +199,8 @@ def monitor_mode(cfg: DictConfig) -> str:
     mode = str(cfg.get("monitor_mode", "auto"))
     if mode == "auto":
         return "min" if str(cfg.monitor).endswith("loss") else "max"
+    if mode not in ("max", "min"):
+        raise SetupError(f"monitor_mode={mode} must be auto, max or min.")
     return mode
 
 
@@ -215,6 +219,7 @@ def build_callbacks(cfg: DictConfig, has_logger: bool = True) -> list[pl.Callbac
         instantiate(cb.last_checkpoint),
         RNGState(),
         InterruptCheckpoint(Path(cfg.paths.output_dir) / "checkpoints"),
+        ResumeInEpoch(),
         FiniteLoss(),
         StageUnfreezer(),
     ]
@@ -278,7 +283,7 @@ def log_results(loggers: list[Any], summary: dict[str, Any], out_dir: Path) -> N
             logger.experiment.summary.update(
                 {k: v for k, v in summary.items() if isinstance(v, int | float | str | dict) and v is not None}
             )
-            logger.experiment.save(str(out_dir / "summary.json"), base_path=str(out_dir), policy="now")
+            logger.experiment.save(str(out_dir / SUMMARY_NAME), base_path=str(out_dir), policy="now")
 
 
 def find_lr(trainer: pl.Trainer, module: FinetuneModule, datamodule: Any, out_dir: Path) -> dict[str, Any]:
@@ -355,7 +360,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     module = build_module(cfg, splits)
     if claim.extends is not None:
         set_aside(claim.extends)
-    (out_dir / "resolved_config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    (out_dir / CONFIG_NAME).write_text(OmegaConf.to_yaml(cfg, resolve=True))
     if cfg.strategy.name == "linear_probe":
         from finetune.linear_probe import run_linear_probe
 
@@ -435,7 +440,7 @@ def check_config(cfg: DictConfig) -> None:
     if int(cfg.data.batch_size) < 1:
         raise SetupError("data.batch_size must be >= 1.")
     frozen = cfg.get("checkpoint_frozen_stages", "reference")
-    if frozen not in ("reference", "store"):
+    if frozen not in MODES:
         raise SetupError(f"checkpoint_frozen_stages={frozen} must be reference (frozen stages rebuilt from their "
                          f"weights source on load) or store (kept in every checkpoint).")
     check_training_values(cfg)
@@ -479,7 +484,7 @@ def check_training_values(cfg: DictConfig) -> None:
         raise SetupError(f"cache.dtype={dtype} is not a storage type of the feature cache: use float32 or float16 "
                          f"(half the size).")
     workers = cfg.data.get("num_workers", "auto")
-    if workers not in (None, "auto") and (not str(workers).lstrip("-").isdigit() or int(workers) < 0):
+    if workers not in (None, "auto") and not str(workers).isdigit():
         raise SetupError(f"data.num_workers={workers} must be auto (sized from the machine) or an integer >= 0.")
     precision = cfg.trainer.get("precision", "32-true")
     if precision is not None and str(precision) not in PRECISIONS:  # None: Lightning's default
@@ -494,13 +499,11 @@ def check_monitor(cfg: DictConfig) -> None:
     """A misspelt monitor would fail only after the first epoch, with nothing saved: refuse it now."""
     if cfg.strategy.name != "linear_probe" and cfg.monitor not in MONITORS:
         raise SetupError(f"monitor={cfg.monitor} is not a metric finetune logs: use one of {', '.join(MONITORS)}.")
-    mode = str(cfg.get("monitor_mode", "auto"))
-    if mode not in ("auto", "max", "min"):
-        raise SetupError(f"monitor_mode={mode} must be auto, max or min.")
+    mode = monitor_mode(cfg)
     direction = sweep_direction()
-    wanted = {"max": "maximize", "min": "minimize"}[monitor_mode(cfg)]
+    wanted = {"max": "maximize", "min": "minimize"}[mode]
     if direction is not None and direction != wanted:
-        raise SetupError(f"monitor={cfg.monitor} is best when it is {monitor_mode(cfg)}imal, but this sweep's "
+        raise SetupError(f"monitor={cfg.monitor} is best when it is {mode}imal, but this sweep's "
                          f"hydra.sweeper.direction={direction}: it would look for the worst runs. Set "
                          f"hydra.sweeper.direction={wanted} (or monitor_mode to match).")
 

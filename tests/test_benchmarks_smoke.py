@@ -18,9 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ("cache_speedup.py", "framework_overhead.py", "roofline.py")
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("script", SCRIPTS)
-def test_quick_mode_prints_ratios(script: str, tmp_path: Path) -> None:
+def run_quick(script: str, tmp_path: Path) -> tuple[str, dict]:
+    """Run a benchmark script in --quick mode on the CPU; its stdout and its JSON result."""
     result_file = tmp_path / "result.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MPLBACKEND": "Agg", "WANDB_MODE": "offline"}
     proc = subprocess.run(
@@ -28,24 +27,23 @@ def test_quick_mode_prints_ratios(script: str, tmp_path: Path) -> None:
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert proc.stdout.startswith("machine: "), proc.stdout[:500]
-    ratio_lines = re.findall(r"^ratio .+: \d+\.\d+", proc.stdout, re.MULTILINE)
-    assert ratio_lines, proc.stdout[-2000:]
-    result = json.loads(result_file.read_text())
+    return proc.stdout, json.loads(result_file.read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_quick_mode_prints_ratios(script: str, tmp_path: Path) -> None:
+    stdout, result = run_quick(script, tmp_path)
+    assert stdout.startswith("machine: "), stdout[:500]
+    ratio_lines = re.findall(r"^ratio .+: \d+\.\d+", stdout, re.MULTILINE)
+    assert ratio_lines, stdout[-2000:]
     assert result["machine"]["torch"] and result["ratios"]
     assert all(isinstance(v, float) for v in result["ratios"].values())
 
 
 @pytest.mark.slow
 def test_cache_fidelity_quick_mode_finds_cpu_features_identical(tmp_path: Path) -> None:
-    result_file = tmp_path / "result.json"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "MPLBACKEND": "Agg"}
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "cache_fidelity.py"), "--quick", "--device", "cpu", "--json",
-         str(result_file)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    results = json.loads(result_file.read_text())["results"]
+    results = run_quick("cache_fidelity.py", tmp_path)[1]["results"]
     assert all(0 <= row["rel_to_spread"] < 1e-4 for row in results.values())
     # on CPU the cache's extraction and the uncached training path compute the very same features
     assert results["cache vs uncached | tf32=False"]["rel_to_spread"] == 0.0
@@ -53,13 +51,6 @@ def test_cache_fidelity_quick_mode_finds_cpu_features_identical(tmp_path: Path) 
 
 def test_cached_training_step_makes_a_gpu_wait_only_for_the_periodic_nan_check(tmp_path: Path) -> None:
     """Per step, no host read of a device value (a GPU sync) besides FiniteLoss's one read every 10 steps."""
-    result_file = tmp_path / "result.json"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "MPLBACKEND": "Agg"}
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "step_ops.py"), "--quick", "--device", "cpu", "--json",
-         str(result_file)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    per_step = json.loads(result_file.read_text())["per_step"]
+    per_step = run_quick("step_ops.py", tmp_path)[1]["per_step"]
     assert per_step["host_reads_waiting_for_gpu"] <= 0.1 + 1e-9, per_step
     assert 0 < per_step["kernels"] < 40, per_step  # 42 before the NaN check and epoch sums left the step

@@ -149,8 +149,9 @@ def test_epoch_sums_stay_float32_under_bf16_weights() -> None:
     module.on_train_epoch_start()
     for _ in range(3):
         module.training_step((torch.randn(8, 512, dtype=torch.bfloat16), torch.randint(3, (8,))), 0)
-    loss, acc = module.train_epoch_means()
-    assert loss.dtype == torch.float32 and torch.isfinite(loss) and sum(module.train_sizes) == 24
+    assert sum(module.epoch_means["train"].sizes) == 24
+    loss, acc = module.epoch_means["train"].means()
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
     assert 0 <= float(acc) <= 1
 
 
@@ -165,6 +166,6 @@ def test_epoch_means_weight_each_sample_once() -> None:
     x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
     with torch.no_grad():
         logits = module(x)
-    loss, acc = module.train_epoch_means()
+    loss, acc = module.epoch_means["train"].means()
     assert torch.allclose(loss, torch.nn.functional.cross_entropy(logits, y), atol=1e-6)
     assert float(acc) == pytest.approx(float((logits.argmax(1) == y).float().mean()))
