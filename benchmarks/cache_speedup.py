@@ -228,6 +228,16 @@ def measured(run: Any, *args: Any) -> dict[str, Any]:
             "cuda_allocated_before_bytes": leftover}
 
 
+def check_data_once(cfg: Any) -> None:
+    """Run finetune's data check before any clock, as a user's first run would (its results are remembered
+    by file size and mtime): otherwise whichever variant runs first pays for decoding every file once."""
+    from finetune.train import check_data
+
+    started = time.perf_counter()
+    check_data(cfg.data, Path(cfg.paths.output_dir), cfg.paths.cache_dir)
+    print(f"data check of every file, once before the timed runs: {time.perf_counter() - started:.1f} s\n")
+
+
 def warm_up(name: str, weights_file: Path, size: int, batch_size: int, device: torch.device) -> None:
     """Pay one-time costs (CUDA context, cuDNN/oneDNN kernels for the batch shape) before any clock runs,
     so the first variant timed does not pay them for the others."""
@@ -259,6 +269,9 @@ def parse_args() -> tuple[argparse.Namespace, torch.device]:
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="after the comparison, run the warm cached job once more under cProfile and print "
                              "its N most expensive functions (by own time)")
+    parser.add_argument("--warm-variant", action="append", default=[], metavar="OVERRIDE",
+                        help="also run the warm cached job with this override (e.g. optimizer.fused=false), "
+                             "alternating with the default warm job, and print both (repeatable)")
     parser.add_argument("--work-dir", type=Path, default=None, help="where the image tree, cache and runs go "
                         "(default: a temporary folder, removed afterwards)")
     args = parser.parse_args()
@@ -293,6 +306,7 @@ def main() -> None:
                      f"seed={args.seed}", f"speed.tf32={args.tf32}"]
         apply_tf32(args.tf32)  # the plain loop and the warm-up run under the same setting
         warm_up(args.backbone, weights_file, args.image_size, args.batch_size, device)
+        check_data_once(compose(overrides, work, "data_check"))
         runs: dict[str, dict[str, Any]] = {}
         print("running finetune with the feature cache (cold: extraction included) ...", flush=True)
         runs["cached"] = measured(run_finetune, compose(overrides, work, "cached"))
@@ -306,6 +320,8 @@ def main() -> None:
         _, width = headless_backbone(args.backbone, weights_file)
         head_peak = head_alone_peak(width, len(images.classes), args.batch_size, 20, device)
         report(runs, args, machine, images.source, sizes, workers, head_peak)
+        if args.warm_variant:
+            warm_variants(overrides, work, args.warm_variant)
         if args.profile:
             profile(compose(overrides, work, "profiled"), args.profile)
     finally:
@@ -361,6 +377,17 @@ def report(runs: dict[str, dict[str, Any]], args: argparse.Namespace, machine: d
     })
 
 
+def warm_variants(overrides: list[str], work: Path, variants: list[str], rounds: int = 2) -> None:
+    """Warm cached runs with and without each override, alternated, so a per-step change is seen in wall time."""
+    print("\nwarm cached runs, alternated (train s = fit incl. validation; wall s = the whole train() call):")
+    for variant in variants:
+        for i in range(rounds):
+            for label, extra in (("default", []), (variant, [variant])):
+                r = run_finetune(compose([*overrides, *extra], work, f"variant{i}"))
+                print(f"  {label:<40} round {i + 1}: train {r['train_s']:6.2f} s, wall {r['wall_s']:6.2f} s, "
+                      f"test acc {100 * r['test_acc']:.2f}%", flush=True)
+
+
 def profile(cfg: Any, top: int) -> None:
     """Where a warm cached run spends its time: per-step framework cost shows up here."""
     import cProfile
@@ -373,6 +400,8 @@ def profile(cfg: Any, top: int) -> None:
     print(f"\ncProfile of one more warm cached run ({summary['wall_s']:.1f} s wall with the profiler on), "
           f"top {top} by own time:")
     pstats.Stats(profiler).sort_stats("tottime").print_stats(top)
+    print(f"the same profile, top {2 * top} by cumulative time (which hooks and phases the time is spent in):")
+    pstats.Stats(profiler).sort_stats("cumulative").print_stats(2 * top)
 
 
 def print_memory(runs: dict[str, dict[str, Any]], labels: dict[str, str], head_peak: int | None) -> None:
