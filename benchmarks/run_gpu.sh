@@ -3,10 +3,10 @@
 # short device lease still brings back whole results. Logs and JSON go to $OUT (default gpu-results/).
 #   bash benchmarks/run_gpu.sh            # from the repo root, with hydra-core + omegaconf installed
 #   DATA=/path/cifar10-subset.npz bash benchmarks/run_gpu.sh   # where ../shared/data is not beside the repo
-#   SET=all bash benchmarks/run_gpu.sh    # also the roofline and framework-overhead runs
+#   SET=all bash benchmarks/run_gpu.sh    # also cache fidelity, the roofline and framework-overhead runs
 # Needs torch, torchvision, pytorch-lightning, torchmetrics, hydra-core, omegaconf, scikit-learn, pillow.
 # Without the CIFAR-10 subset, the benchmarks fall back to scikit-learn's digits.
-# Budget: about 7 minutes on an H100/H200 for the default set (limits add up to 9.7), 3.5 more for SET=all.
+# Budget: about 7 minutes on an H100/H200 for the default set (limits add up to 9.8), 4.5 more for SET=all.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-gpu-results}"
@@ -31,16 +31,17 @@ run() {  # run NAME LIMIT_S ARGS...: one benchmark, its log and JSON in $OUT, ne
 }
 
 # photo-like files (384 px JPEG): decoding then costs what it does on real data
-run cache_speedup_224_jpeg384 150 benchmarks/cache_speedup.py --image-size 224 --stored-size 384 \
+run cache_speedup_224_jpeg384 200 benchmarks/cache_speedup.py --image-size 224 --stored-size 384 \
   --stored-format jpeg ${DATA_ARGS[@]+"${DATA_ARGS[@]}"}
 run cache_speedup_224_vgg16_jpeg384 180 benchmarks/cache_speedup.py --backbone vgg16 --image-size 224 \
   --stored-size 384 --stored-format jpeg ${DATA_ARGS[@]+"${DATA_ARGS[@]}"}
 # per-step cost: fused vs foreach AdamW, alternated; where a warm run's time goes (cProfile)
 run cache_speedup_64 150 benchmarks/cache_speedup.py --profile 25 --warm-variant optimizer.fused=false ${DATA_ARGS[@]+"${DATA_ARGS[@]}"}
-run cache_fidelity_224 60 benchmarks/cache_fidelity.py ${DATA_ARGS[@]+"${DATA_ARGS[@]}"}
-# kernels and GPU waits per cached training step (foreach AdamW on CUDA: fewer launches than on CPU)
-run step_ops 40 benchmarks/step_ops.py ${DATA_ARGS[@]+"${DATA_ARGS[@]}"}
+# kernels and GPU waits per cached training step (fused AdamW on CUDA: fewer launches than on CPU)
+run step_ops 60 benchmarks/step_ops.py ${DATA_ARGS[@]+"${DATA_ARGS[@]}"}
 if [ "${SET:-}" = all ]; then
+  # cached vs uncached features (bit-identical at the same batch size on an H100, 2026-11-26)
+  run cache_fidelity_224 60 benchmarks/cache_fidelity.py ${DATA_ARGS[@]+"${DATA_ARGS[@]}"}
   run roofline 120 benchmarks/roofline.py --backbones resnet50,vgg16 --batch-size 128
   run overhead_resnet18_64 90 benchmarks/framework_overhead.py --image-size 64 --batch-size 32 --steps 100 \
     --warmup 10 --repeats 3 ${DATA_ARGS[@]+"${DATA_ARGS[@]}"}
