@@ -268,7 +268,7 @@ def parse_args() -> tuple[argparse.Namespace, torch.device]:
                         help="speed.tf32 for the finetune runs, and the same setting for the plain loop")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="after the comparison, run the warm cached job once more under cProfile and print "
-                             "its N most expensive functions (by own time)")
+                             "its N most expensive functions by own time (and 2N by cumulative time)")
     parser.add_argument("--warm-variant", action="append", default=[], metavar="OVERRIDE",
                         help="also run the warm cached job with this override (e.g. optimizer.fused=false), "
                              "alternating with the default warm job, and print both (repeatable)")

@@ -71,21 +71,24 @@ def group_lr_lambda(start: int, warmup: int, total: int, min_ratio: float, cosin
     return multiplier
 
 
-FUSED_SETTINGS = ("auto", "true", "false")
+def fused_setting(value: Any) -> str:
+    """``optimizer.fused`` as auto, true or false (YAML may give a bool); anything else is refused."""
+    setting = str(value).lower()
+    if setting not in ("auto", "true", "false"):
+        raise SetupError(f"optimizer.fused={value} is not one of auto, true, false (auto: fused on CUDA).")
+    return setting
 
 
-def use_fused(setting: Any, groups: list[dict[str, Any]]) -> bool | None:
-    """Whether the optimizer runs as one fused kernel per step (``optimizer.fused``).
+def use_fused(value: Any, groups: list[dict[str, Any]]) -> bool | None:
+    """True for one fused optimizer kernel per step; None leaves torch's default (foreach on CUDA).
 
-    auto: on CUDA only. There the foreach update launches ~10 kernels per step, which is most of what a
-    head on cached features costs; on a CPU torch's default loop is kept. None lets torch choose.
+    auto fuses on CUDA only: there the foreach update is ~10 launches per step, a large part of what a
+    head on cached features costs; on a CPU torch's default is kept.
     """
-    setting = str(setting).lower()
-    if setting not in FUSED_SETTINGS:
-        raise SetupError(f"optimizer.fused={setting} is not one of auto, true, false (auto: fused on CUDA).")
+    setting = fused_setting(value)
     if setting == "auto":
         params = [p for g in groups for p in g["params"]]
-        return True if params and all(p.is_cuda and p.is_floating_point() for p in params) else None
+        return True if params and all(p.is_cuda for p in params) else None
     return True if setting == "true" else None
 
 

@@ -27,7 +27,7 @@ from finetune.data.transforms import describe, eval_transform, train_transform
 from finetune.errors import SetupError
 from finetune.features import FeatureCacheDataModule, cache_key, frozen_prefix, weights_identity
 from finetune.frozen_weights import MODES
-from finetune.module import FinetuneModule, use_fused
+from finetune.module import FinetuneModule, fused_setting
 from finetune.resume import (
     AtomicCheckpointIO,
     FiniteLoss,
@@ -479,7 +479,7 @@ def check_training_values(cfg: DictConfig) -> None:
     if opt.get("layer_decay") is not None:
         _in_range("optimizer.layer_decay", opt.layer_decay, 0, 1, "each earlier stage's LR is multiplied by it "
                   "(e.g. 0.7); null turns it off.", low_open=True)
-    use_fused(opt.get("fused", "auto"), [])
+    fused_setting(opt.get("fused", "auto"))
     dtype = str(cfg.cache.get("dtype", "float32"))
     if dtype not in ("float32", "float16"):
         raise SetupError(f"cache.dtype={dtype} is not a storage type of the feature cache: use float32 or float16 "

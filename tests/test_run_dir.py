@@ -123,6 +123,7 @@ def test_resolved_config_round_trips_unchanged(compose_cfg) -> None:
     ("regularization.mixup_alpha=-1", "regularization.mixup_alpha"),
     ("optimizer.weight_decay=-1", "optimizer.weight_decay"),
     ("optimizer.layer_decay=0", "optimizer.layer_decay"),
+    ("optimizer.fused=sometimes", "optimizer.fused"),
     ("cache.dtype=int8", "cache.dtype"),
     ("cache.dtype=bfloat16", "cache.dtype"),
     ("trainer.precision=foo", "trainer.precision"),
@@ -138,7 +139,8 @@ def test_bad_values_are_refused_before_training(compose_cfg, override: str, key:
 
 def test_good_values_pass(compose_cfg) -> None:
     check_config(compose_cfg("trainer.precision=bf16-mixed", "data.num_workers=2", "cache.dtype=float16",
-                             "regularization.ema_decay=0.999", "monitor=val/loss", "trainer.max_epochs=-1"))
+                             "regularization.ema_decay=0.999", "monitor=val/loss", "trainer.max_epochs=-1",
+                             "optimizer.fused=false"))
     check_config(compose_cfg("trainer.precision=null", "monitor=train/acc"))  # null: Lightning's default
 
 
