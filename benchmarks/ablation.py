@@ -5,7 +5,7 @@
     python benchmarks/ablation.py --quick                       # smoke: 1 epoch, 3 recipes, digits subset
 
 Every recipe is a list of Hydra overrides (RECIPES below) on top of the same base overrides; each runs
-``finetune.train.train`` in its own child process (so peak memory is that recipe's own, not the
+``finetune.run.train.train`` in its own child process (so peak memory is that recipe's own, not the
 maximum of all runs before it) with its own feature cache (so a cached recipe pays its extraction).
 One table comes out: test accuracy, mean per-class accuracy, best val accuracy, wall time (train() in the
 child), CPU time (the child process's user+system seconds: less sensitive to other load on a shared machine),
@@ -187,7 +187,7 @@ def run_child(spec_path: Path) -> None:
     from hydra import compose, initialize_config_dir
 
     from finetune import config_dir
-    from finetune.train import check_config, train
+    from finetune.run.train import check_config, train
 
     spec = json.loads(spec_path.read_text())
     if spec.get("threads"):

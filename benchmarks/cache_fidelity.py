@@ -20,9 +20,9 @@ import harness
 import torch
 from PIL import Image
 
-from finetune.backbones import build_backbone, preprocessing_for
+from finetune.data.features import frozen_prefix
 from finetune.data.transforms import eval_transform
-from finetune.features import frozen_prefix
+from finetune.model.backbones import build_backbone, preprocessing_for
 
 
 def images_tensor(name: str, size: int, count: int, data: Any) -> torch.Tensor:

@@ -31,10 +31,10 @@ from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
 from finetune import config_dir
-from finetune.backbones import family, preprocessing_for
 from finetune.data.datamodule import EpochSampler, resolve_num_workers
-from finetune.module import warmup_cosine
-from finetune.train import apply_tf32
+from finetune.model.backbones import family, preprocessing_for
+from finetune.model.module import warmup_cosine
+from finetune.run.train import apply_tf32
 
 TARGET_SPEEDUP = 5.0
 TARGET_ACC_POINTS = 0.5
@@ -95,7 +95,7 @@ def compose(overrides: list[str], work: Path, name: str) -> Any:
 
 
 def run_finetune(cfg: Any) -> dict[str, Any]:
-    from finetune.train import train
+    from finetune.run.train import train
 
     started = time.perf_counter()
     summary = train(cfg)
@@ -231,7 +231,7 @@ def measured(run: Any, *args: Any) -> dict[str, Any]:
 def check_data_once(cfg: Any) -> None:
     """Run finetune's data check before any clock, as a user's first run would (its results are remembered
     by file size and mtime): otherwise whichever variant runs first pays for decoding every file once."""
-    from finetune.train import check_data
+    from finetune.run.train import check_data
 
     started = time.perf_counter()
     check_data(cfg.data, Path(cfg.paths.output_dir), cfg.paths.cache_dir)

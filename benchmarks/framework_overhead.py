@@ -2,13 +2,13 @@
 
     python benchmarks/framework_overhead.py [--backbone resnet18] [--image-size 64] [--batch-size 32] [--steps 50]
 
-Both train the same model (a FinetuneModule's backbone + head, built by finetune.train.build_module from
+Both train the same model (a FinetuneModule's backbone + head, built by finetune.run.train.build_module from
 the real config, copied before any step), on the same in-memory tensors through the same kind of
 DataLoader, with the same AdamW param groups and warmup-cosine schedule, strategy full_finetune. Each
 run times N steps after a warm-up, from the batch-start of step W to that of step W+N; runs are
 interleaved (ABC, BCA, CAB, ...) and the median of the per-repeat ratios is reported. Lightning runs
 once lean (no logger, checkpointing, progress bar or model summary) and once with the trainer as
-finetune.train builds it (its default callbacks, CSV logger, checkpoint plugin; no progress bar, no
+finetune.run.train builds it (its default callbacks, CSV logger, checkpoint plugin; no progress bar, no
 validation). Target: lean <= 5% slower per step on CPU.
 """
 
@@ -35,10 +35,10 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from finetune import config_dir
-from finetune.backbones import preprocessing_for
 from finetune.data.datasets import Splits
-from finetune.module import FinetuneModule, warmup_cosine
-from finetune.strategies import param_groups
+from finetune.model.backbones import preprocessing_for
+from finetune.model.module import FinetuneModule, warmup_cosine
+from finetune.model.strategies import param_groups
 
 TARGET_OVERHEAD = 0.05
 VARIANTS = ("plain", "lean", "default")
@@ -118,19 +118,19 @@ def run_lightning(module: FinetuneModule, cfg: Any, data: TensorDataset, marks: 
     from hydra.utils import instantiate
     from omegaconf import open_dict
 
-    from finetune.train import build_callbacks, build_loggers
+    from finetune.run.train import build_callbacks, build_loggers
 
     gc.collect()  # the last run's garbage is collected here, not inside this run's timed steps
     clock = StepClock(marks, device)
     common = {"max_steps": marks[1] + 1, "limit_val_batches": 0, "num_sanity_val_steps": 0,
               "enable_progress_bar": False, "enable_model_summary": False, "default_root_dir": str(out_dir)}
     started = time.perf_counter()
-    if default_callbacks:  # the trainer as finetune.train builds it (callbacks, loggers, checkpoint plugin)
+    if default_callbacks:  # the trainer as finetune.run.train builds it (callbacks, loggers, checkpoint plugin)
         with open_dict(cfg):
             cfg.paths.output_dir = str(out_dir)
         loggers = build_loggers(cfg)
         try:
-            from finetune.resume import AtomicCheckpointIO
+            from finetune.run.resume import AtomicCheckpointIO
 
             common["plugins"] = [AtomicCheckpointIO()]
         except ImportError:
@@ -201,7 +201,7 @@ def parse_args() -> tuple[argparse.Namespace, torch.device]:
 def main() -> None:
     args, device = parse_args()
     machine = harness.start(device)
-    from finetune.train import build_module, use_channels_last
+    from finetune.run.train import build_module, use_channels_last
 
     work = Path(tempfile.mkdtemp(prefix="framework_overhead-"))
     overrides = [f"backbone={args.backbone}", "backbone.weights=none", f"strategy={args.strategy}",

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from finetune.backbones import BACKBONE_NAMES, build_backbone
+from finetune.model.backbones import BACKBONE_NAMES, build_backbone
 
 TARGET_FRACTION = 0.70
 TARGET_BACKBONES = ("resnet50", "vgg16")

@@ -5,7 +5,7 @@
 A head trained on cached features does microseconds of math per step; what is left is the framework's
 work around it. On a GPU each dispatched op that is not a view is a kernel launch, and each host read of
 a device value (``aten._local_scalar_dense``: ``.item()``, ``float()``, ``bool()``) makes the host wait
-for the device. This counts both over ``--steps`` steps of a real ``finetune.train.train`` run (the
+for the device. This counts both over ``--steps`` steps of a real ``finetune.run.train.train`` run (the
 config ``python -m finetune`` composes, feature cache on), from one step's start to the next (loading,
 hooks and logging included), and prints them per step with the ops that contribute most. Counts
 are exact on any machine; on CPU they stand in for what a GPU would launch.
@@ -27,7 +27,7 @@ import torch
 from cache_speedup import compose, run_finetune, write_image_tree, write_weights
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import finetune.train as train_module
+import finetune.run.train as train_module
 
 # metadata-only ops: no kernel on any device
 NOT_KERNELS = {"aten.detach.default", "aten.view.default", "aten.t.default", "aten._local_scalar_dense.default",

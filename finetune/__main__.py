@@ -17,7 +17,7 @@ from finetune.errors import SetupError
 def _run(cfg: DictConfig) -> float | None:
     from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-    from finetune.train import check_config, train
+    from finetune.run.train import check_config, train
 
     started = time.time()
     try:

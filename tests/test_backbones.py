@@ -6,7 +6,8 @@ import pytest
 import torch
 import torchvision
 
-from finetune.backbones import (
+from finetune.errors import SetupError
+from finetune.model.backbones import (
     BACKBONE_NAMES,
     RESNET_STAGES,
     VGG_STAGES,
@@ -14,7 +15,6 @@ from finetune.backbones import (
     load_state_dict_file,
     preprocessing_for,
 )
-from finetune.errors import SetupError
 
 FEATURE_DIMS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048, "resnet152": 2048}
 
@@ -114,7 +114,7 @@ def test_imagenet_weights_placed_in_hub_cache_load_offline(monkeypatch, tmp_path
     import os
     import urllib.error
 
-    from finetune.backbones import imagenet_weights
+    from finetune.model.backbones import imagenet_weights
 
     monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))
 
@@ -149,7 +149,7 @@ def write_weights(path, seed: int):
 def train_checkpoint(compose_cfg, out, *overrides: str):
     from omegaconf import open_dict
 
-    from finetune.train import train
+    from finetune.run.train import train
 
     cfg = compose_cfg(*TINY_RUN, *overrides)
     with open_dict(cfg):
@@ -182,13 +182,13 @@ def test_finetune_checkpoint_with_every_stage_loads_as_backbone_weights(compose_
     else:
         ckpt = train_checkpoint(compose_cfg, tmp_path / "run", "backbone.weights=none")
     saved = torch.load(ckpt, map_location="cpu", weights_only=True)
-    from finetune.frozen_weights import RECORD_KEY
+    from finetune.model.frozen_weights import RECORD_KEY
 
     assert RECORD_KEY not in saved
     expected = {k: v for k, v in saved["state_dict"].items() if k.startswith("backbone.")}
     assert len(expected) == 120  # resnet18's, without its ImageNet fc
 
-    caplog.set_level(logging.INFO, logger="finetune.backbones")
+    caplog.set_level(logging.INFO, logger="finetune.model.backbones")
     backbone = build_backbone("resnet18", str(ckpt))
     assert_same_tensors(module_keys(backbone), expected)
     assert "classifier head" in caplog.text and "not used" in caplog.text
@@ -204,8 +204,8 @@ def test_finetune_checkpoint_with_every_stage_loads_as_backbone_weights(compose_
 
 def test_slim_finetune_checkpoint_is_completed_from_its_frozen_weights_source(compose_cfg, tmp_path) -> None:
     """Frozen stages left out of the checkpoint are rebuilt from their source, as load_module does."""
-    from finetune.checkpoints import load_module
-    from finetune.frozen_weights import RECORD_KEY
+    from finetune.model.checkpoints import load_module
+    from finetune.model.frozen_weights import RECORD_KEY
 
     source = write_weights(tmp_path / "frozen.pth", seed=1)
     ckpt = train_checkpoint(compose_cfg, tmp_path / "run", f"backbone.weights={source}")
@@ -231,7 +231,7 @@ def test_slim_finetune_checkpoint_is_completed_from_its_frozen_weights_source(co
 
 
 def test_finetune_checkpoint_of_another_backbone_is_refused(tmp_path) -> None:
-    from finetune.module import FinetuneModule
+    from finetune.model.module import FinetuneModule
 
     module = FinetuneModule("resnet18", num_classes=3, weights="none")
     path = tmp_path / "resnet18.ckpt"
@@ -244,7 +244,7 @@ def test_finetune_checkpoint_of_another_backbone_is_refused(tmp_path) -> None:
 
 def test_finetune_checkpoint_with_class_weights_loads_only_its_backbone(tmp_path) -> None:
     """A weighted loss stores its class weights in the state_dict: not a backbone tensor, not an error."""
-    from finetune.module import FinetuneModule
+    from finetune.model.module import FinetuneModule
 
     module = FinetuneModule("resnet18", num_classes=3, weights="none", class_weights=[1.0, 2.0, 0.5])
     assert "criterion.weight" in module.state_dict()

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from finetune.check import main as check_main
+from finetune.cli.check import main as check_main
 from finetune.data.checks import apply_policy, check_image_tree, image_files
 from finetune.data.images import BadImageError, decode_rgb, open_rgb
 from finetune.errors import SetupError

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from finetune.compare import FIELDS, collect_summaries, main, write_comparison
+from finetune.cli.compare import FIELDS, collect_summaries, main, write_comparison
 from finetune.errors import SetupError
 
 FULL = {

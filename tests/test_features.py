@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from finetune.features import FeatureCacheDataModule, FeatureDataset, shard_files
-from finetune.train import train
+from finetune.data.features import FeatureCacheDataModule, FeatureDataset, shard_files
+from finetune.run.train import train
 from tests.conftest import own_dir
 
 TINY = ("backbone.weights=none", "data.image_size=32", "logger=none", "trainer.max_epochs=2",
@@ -100,8 +100,8 @@ def test_linear_probe_head_reproduces_sklearn() -> None:
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
-    from finetune.linear_probe import fold_into_head
-    from finetune.module import FinetuneModule
+    from finetune.model.module import FinetuneModule
+    from finetune.run.linear_probe import fold_into_head
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(60, 512)).astype(np.float32) * 3 + 1

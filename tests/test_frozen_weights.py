@@ -11,12 +11,12 @@ import torch
 import torchvision
 from omegaconf import open_dict
 
-import finetune.train as train_module
-from finetune.checkpoints import load_module
+import finetune.run.train as train_module
 from finetune.errors import SetupError
-from finetune.frozen_weights import RECORD_KEY
-from finetune.module import FinetuneModule
-from finetune.train import train
+from finetune.model.checkpoints import load_module
+from finetune.model.frozen_weights import RECORD_KEY
+from finetune.model.module import FinetuneModule
+from finetune.run.train import train
 
 TINY = ("data.image_size=32", "logger=none", "trainer.max_epochs=2", "data.val_fraction=0.1",
         "data.test_fraction=0.1")

@@ -1,4 +1,4 @@
-"""finetune.predict and finetune.export on a checkpoint made the way users make one: a real training run.
+"""finetune.cli.predict and finetune.cli.export on a checkpoint made the way users make one: a real training run.
 
 One module-scoped run (resnet18, weights=none, 32 px, one epoch, the default feature_extractor
 strategy, so the checkpoint comes from a run on cached features) feeds every test.
@@ -22,13 +22,13 @@ from PIL import Image
 from torch import nn
 
 from finetune import config_dir
-from finetune import export as export_cli
-from finetune import predict as predict_cli
-from finetune.checkpoints import load_module, preprocessing_of
+from finetune.cli import export as export_cli
+from finetune.cli import predict as predict_cli
 from finetune.data.images import open_rgb
 from finetune.data.transforms import eval_transform
 from finetune.errors import SetupError
-from finetune.train import train
+from finetune.model.checkpoints import load_module, preprocessing_of
+from finetune.run.train import train
 
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore"}
 CLASSES = ["class_0", "class_1", "class_2"]

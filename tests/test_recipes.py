@@ -13,10 +13,10 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from finetune.module import FinetuneModule
-from finetune.strategies import param_groups, unfreeze_schedule
-from finetune.train import resolve_class_weights, train
-from finetune.unfreezing import StageUnfreezer
+from finetune.model.module import FinetuneModule
+from finetune.model.strategies import param_groups, unfreeze_schedule
+from finetune.model.unfreezing import StageUnfreezer
+from finetune.run.train import resolve_class_weights, train
 from tests.conftest import kill_resume_and_compare, own_dir, write_image_folder
 
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}

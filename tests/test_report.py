@@ -1,4 +1,4 @@
-"""finetune.report: counts that must match torchvision, files that must exist, errors that must be clear.
+"""finetune.cli.report: counts that must match torchvision, files that must exist, errors that must be clear.
 
 Everything runs offline on the CPU with weights=none, tiny images (32 px), batch 2 and one step;
 the numbers themselves are not asserted except where they are exact (params) or stated by
@@ -14,9 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from finetune.backbones import BACKBONE_NAMES, imagenet_meta
-from finetune.errors import SetupError
-from finetune.report import (
+from finetune.cli.report import (
     CPU_MEMORY_COLUMN,
     count_flops,
     main,
@@ -25,7 +23,9 @@ from finetune.report import (
     parse_overrides,
     write_report,
 )
-from finetune.report import FIXED_STRATEGIES as STRATEGY_NAMES
+from finetune.cli.report import FIXED_STRATEGIES as STRATEGY_NAMES
+from finetune.errors import SetupError
+from finetune.model.backbones import BACKBONE_NAMES, imagenet_meta
 
 BACKBONES = ("resnet18", "vgg11")
 TINY = {"batch_size": 2, "image_size": 32, "steps": 1, "device": "cpu"}

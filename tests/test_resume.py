@@ -15,8 +15,8 @@ import torchvision
 from omegaconf import open_dict
 
 from finetune.errors import SetupError
-from finetune.resume import AtomicCheckpointIO, TrainingDiverged, check_resume_matches
-from finetune.train import train
+from finetune.run.resume import AtomicCheckpointIO, TrainingDiverged, check_resume_matches
+from finetune.run.train import train
 from tests.conftest import kill_resume_and_compare, write_image_folder
 
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
@@ -86,7 +86,7 @@ def test_interrupted_write_never_replaces_a_good_checkpoint(tmp_path: Path, monk
 
 def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(compose_cfg, image_folder: Path,
                                                                  monkeypatch) -> None:
-    from finetune.module import FinetuneModule
+    from finetune.model.module import FinetuneModule
 
     original = FinetuneModule.training_step
 
@@ -167,7 +167,7 @@ def test_resume_may_extend_max_epochs_and_name_the_same_weights_another_way(comp
 
 
 def test_same_weights_compares_sources_not_spellings(tmp_path: Path, monkeypatch) -> None:
-    from finetune.resume import same_weights
+    from finetune.run.resume import same_weights
 
     (tmp_path / "w.pt").write_bytes(b"x")
     monkeypatch.chdir(tmp_path)
@@ -188,7 +188,7 @@ def test_resume_auto_skips_finished_run(compose_cfg) -> None:
 def test_finite_loss_names_the_first_bad_step_without_per_step_checks(tmp_path: Path) -> None:
     from types import SimpleNamespace
 
-    from finetune.resume import FiniteLoss
+    from finetune.run.resume import FiniteLoss
 
     check = FiniteLoss(every=10)
     trainer = SimpleNamespace(global_step=0, current_epoch=2, default_root_dir=str(tmp_path))
@@ -216,7 +216,7 @@ def test_refused_resume_leaves_the_run_folder_as_it_was(compose_cfg, partial_run
 
 @pytest.mark.parametrize("spelling", ["none", "null", "false"])
 def test_no_class_weights_is_the_same_setting_however_spelt(compose_cfg, spelling: str) -> None:
-    from finetune.resume import resume_differences
+    from finetune.run.resume import resume_differences
 
     cfg = compose_cfg(f"loss.class_weights={spelling}")
     assert "loss.class_weights" not in resume_differences({"class_weights": None}, cfg, 3)

@@ -13,8 +13,8 @@ from omegaconf import open_dict
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from finetune.data.datamodule import EpochSampler, balanced_sampler
-from finetune.module import FinetuneModule
-from finetune.train import train
+from finetune.model.module import FinetuneModule
+from finetune.run.train import train
 
 # Lightning's "... dataloader is not resumable. This can cause unreliable results": wrong once the resume is exact
 MID_EPOCH_WARNING = "resuming from a checkpoint that ended before the epoch ended"

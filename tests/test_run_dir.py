@@ -11,11 +11,12 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-import finetune.train as train_module
+import finetune.run.train as train_module
 from finetune import config_dir
+from finetune.data.features import FeatureDataset, ShardFiles
 from finetune.errors import SetupError
-from finetune.features import FeatureDataset, ShardFiles
-from finetune.run_dir import (
+from finetune.run.outputs import write_json_atomic
+from finetune.run.run_dir import (
     CONFIG_NAME,
     RESULT_NEUTRAL_KEYS,
     Claim,
@@ -24,8 +25,7 @@ from finetune.run_dir import (
     resolved_config,
     set_aside,
 )
-from finetune.run_outputs import write_json_atomic
-from finetune.train import build_callbacks, check_config, monitor_mode, train
+from finetune.run.train import build_callbacks, check_config, monitor_mode, train
 
 
 def finish(cfg, summary: dict | None = None) -> Path:

@@ -8,8 +8,8 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from finetune.errors import SetupError
-from finetune.module import FinetuneModule
-from finetune.strategies import param_groups, trainable_stages
+from finetune.model.module import FinetuneModule
+from finetune.model.strategies import param_groups, trainable_stages
 
 
 def _snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:

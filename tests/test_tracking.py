@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from finetune.train import train
+from finetune.run.train import train
 
 
 def test_wandb_runs_offline_without_api_key(tmp_path: Path) -> None:

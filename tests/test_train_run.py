@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from finetune.train import train
+from finetune.run.train import train
 
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "WANDB_MODE": "offline"}
 
@@ -147,7 +147,7 @@ def test_tf32_switch_sets_torch_precision_and_refuses_other_values() -> None:
     import torch
 
     from finetune.errors import SetupError
-    from finetune.train import apply_tf32
+    from finetune.run.train import apply_tf32
 
     def state() -> tuple[bool, str]:
         # Lightning reads get_float32_matmul_precision() on CUDA set-up: it must not raise afterwards

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from torchvision.transforms import v2
 
-from finetune.backbones import Preprocessing
+from finetune.model.backbones import Preprocessing
 
 
 def _to_normalized_tensor(prep: Preprocessing) -> list:

@@ -9,8 +9,8 @@ from collections.abc import Iterable, Sequence
 
 from torch import nn
 
-from finetune.backbones import Backbone
 from finetune.errors import SetupError
+from finetune.model.backbones import Backbone
 
 STRATEGY_NAMES = (
     "feature_extractor", "partial_unfreeze", "full_finetune", "linear_probe", "gradual_unfreeze",

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 
-from finetune.strategies import count_params, trainable_at
+from finetune.model.strategies import count_params, trainable_at
 
 log = logging.getLogger(__name__)
 

@@ -26,8 +26,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from finetune.backbones import Backbone, imagenet_weights, weights_source
 from finetune.errors import SetupError
+from finetune.model.backbones import Backbone, imagenet_weights, weights_source
 
 log = logging.getLogger(__name__)
 

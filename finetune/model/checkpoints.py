@@ -9,16 +9,25 @@ Our Lightning checkpoints pass, because ``save_hyperparameters`` stores plain ty
 from __future__ import annotations
 
 import inspect
+import logging
 import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from finetune.backbones import Preprocessing, preprocessing_for, strip_prefix
 from finetune.errors import SetupError
-from finetune.frozen_weights import COMPILED_PREFIX, RECORD_KEY
-from finetune.module import FinetuneModule
+from finetune.model.backbones import (
+    Preprocessing,
+    preprocessing_for,
+    register_checkpoint_reader,
+    strip_prefix,
+    weights_source,
+)
+from finetune.model.frozen_weights import COMPILED_PREFIX, RECORD_KEY
+from finetune.model.module import FinetuneModule
+
+log = logging.getLogger(__name__)
 
 EXPECTED = (
     "a Lightning checkpoint written by a finetune run (outputs/.../checkpoints/*.ckpt): a dict with "
@@ -174,3 +183,64 @@ def load_weights(module: FinetuneModule, state_dict: dict[str, Any], path: Path)
             f"{len(mismatched)} of another shape (e.g. {mismatched[:2]}). The file is damaged or was edited."
         )
     module.load_state_dict(state_dict, strict=True)
+
+
+_COMPLETING: set[Path] = set()  # checkpoints being completed now (a source that leads back is a cycle)
+
+
+def finetune_checkpoint_state(path: Path, checkpoint: dict[str, Any], name: str | None) -> dict[str, Any]:
+    """The full state_dict of a finetune checkpoint (FinetuneModule keys), for use as backbone weights.
+
+    * Another backbone than ``name`` is refused, naming the one the checkpoint holds.
+    * Frozen stages the checkpoint left out (``checkpoint_frozen_stages=reference``) are rebuilt from
+      their recorded source and fingerprint-checked exactly as :func:`finetune.model.checkpoints.load_module`
+      does (``build_module`` + ``FinetuneModule.complete_checkpoint``); a missing or changed source is
+      refused.
+    * EMA: with ``regularization.ema_decay`` Lightning's EMAWeightAveraging saves the averaged weights as
+      ``state_dict`` and the raw ones as ``current_model_state``. The averaged ones are used: they are
+      the weights the run validated (and picked its best checkpoint by), tested, and that predict and
+      export load; the raw ones are kept only to resume training. Frozen stages are equal in both.
+    * The head stays in the result; :func:`_load_into` drops it (the new run builds its own).
+    """
+    hparams = checkpoint_hparams(checkpoint, path)
+    held = str(hparams["backbone"])
+    if name is not None and held != name:
+        raise SetupError(
+            f"backbone.weights='{path}' is a finetune checkpoint of backbone '{held}' "
+            f"({hparams['num_classes']} classes), but this run builds backbone '{name}'. Start from it with "
+            f"backbone={held}, or give weights saved from a {name}."
+        )
+    checkpoint["state_dict"] = strip_compiled(checkpoint["state_dict"])
+    record = checkpoint.get(RECORD_KEY)
+    if record:
+        source = str(record.get("weights"))
+        stages = ", ".join(record.get("stages", []))
+        if weights_source(source) == "file" and not Path(source).expanduser().is_file():
+            raise SetupError(
+                f"backbone.weights='{path}' is a finetune checkpoint that does not hold its frozen stages "
+                f"({stages}): it records that they are rebuilt from their weights source, '{source}', and that "
+                f"file does not exist. Put that file back at that path, or use a checkpoint of a run with "
+                f"checkpoint_frozen_stages=store (which keeps every stage inside its checkpoints)."
+            )
+        resolved = path.resolve()
+        if resolved in _COMPLETING:
+            raise SetupError(
+                f"'{path}' records itself as the source of its frozen stages ({stages}) through '{source}': "
+                f"a run overwrote the checkpoint it started from. Use a checkpoint of a run with "
+                f"checkpoint_frozen_stages=store, or one whose weights source still exists unchanged."
+            )
+        _COMPLETING.add(resolved)
+        try:
+            module = build_module(hparams, path, record)
+            module.complete_checkpoint(checkpoint, f"'{path}'")  # the fingerprint is checked here
+        except SetupError as error:
+            raise SetupError(f"Cannot use '{path}' as backbone.weights: {error}") from None
+        finally:
+            _COMPLETING.discard(resolved)
+    log.info("backbone.weights: the %s backbone of finetune checkpoint '%s'%s%s.", held, path,
+             f", frozen stages {', '.join(record['stages'])} rebuilt from {record['weights']}" if record else "",
+             " (EMA-averaged weights)" if "current_model_state" in checkpoint else "")
+    return checkpoint["state_dict"]
+
+
+register_checkpoint_reader(finetune_checkpoint_state)

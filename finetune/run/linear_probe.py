@@ -21,11 +21,11 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import balanced_accuracy_score, f1_score, log_loss, top_k_accuracy_score
 from sklearn.preprocessing import StandardScaler
 
+from finetune.data.features import FeatureCacheDataModule
 from finetune.errors import SetupError
-from finetune.features import FeatureCacheDataModule
-from finetune.module import FinetuneModule
-from finetune.run_outputs import write_atomic
-from finetune.summary import device_name, make_summary, write_run_files
+from finetune.model.module import FinetuneModule
+from finetune.run.outputs import write_atomic
+from finetune.run.summary import device_name, make_summary, write_run_files
 
 
 def _arrays(datamodule: FeatureCacheDataModule, split: str) -> tuple[np.ndarray, np.ndarray]:

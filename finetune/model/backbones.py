@@ -11,6 +11,7 @@ import logging
 import os
 import urllib.error
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ import torchvision
 from torch import nn
 
 from finetune.errors import SetupError
-from finetune.frozen_weights import COMPILED_PREFIX, RECORD_KEY, STAGE_KEYS_PREFIX
+from finetune.model.frozen_weights import COMPILED_PREFIX, STAGE_KEYS_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -226,7 +227,10 @@ def load_state_dict_file(path: str | os.PathLike, name: str | None = None) -> di
             f"with torch.save(model.state_dict(), path)."
         ) from None
     if is_finetune_checkpoint(obj):
-        obj = finetune_checkpoint_state(path, obj, name)
+        if _checkpoint_reader is None:
+            raise SetupError(f"backbone.weights='{path}' is a finetune checkpoint; import finetune.model.checkpoints "
+                             f"first (it reads them).")
+        obj = _checkpoint_reader(path, obj, name)
     elif isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -234,71 +238,22 @@ def load_state_dict_file(path: str | os.PathLike, name: str | None = None) -> di
     return obj
 
 
+# How a finetune checkpoint given as backbone.weights becomes backbone tensors: set by
+# finetune.model.checkpoints, which sits above this registry (it builds whole modules), so the
+# registry never imports the code that trains (timm's pretrained_filter_fn, the same seam).
+CheckpointReader = Callable[[Path, dict[str, Any], "str | None"], dict[str, torch.Tensor]]
+_checkpoint_reader: CheckpointReader | None = None
+
+
+def register_checkpoint_reader(reader: CheckpointReader) -> None:
+    global _checkpoint_reader
+    _checkpoint_reader = reader
+
+
 def is_finetune_checkpoint(obj: Any) -> bool:
     """A Lightning checkpoint whose hyper_parameters name a backbone: one written by a finetune run."""
     return (isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict)
             and isinstance(obj.get("hyper_parameters"), dict) and "backbone" in obj["hyper_parameters"])
-
-
-_COMPLETING: set[Path] = set()  # checkpoints being completed now (a source that leads back is a cycle)
-
-
-def finetune_checkpoint_state(path: Path, checkpoint: dict[str, Any], name: str | None) -> dict[str, Any]:
-    """The full state_dict of a finetune checkpoint (FinetuneModule keys), for use as backbone weights.
-
-    * Another backbone than ``name`` is refused, naming the one the checkpoint holds.
-    * Frozen stages the checkpoint left out (``checkpoint_frozen_stages=reference``) are rebuilt from
-      their recorded source and fingerprint-checked exactly as :func:`finetune.checkpoints.load_module`
-      does (``build_module`` + ``FinetuneModule.complete_checkpoint``); a missing or changed source is
-      refused.
-    * EMA: with ``regularization.ema_decay`` Lightning's EMAWeightAveraging saves the averaged weights as
-      ``state_dict`` and the raw ones as ``current_model_state``. The averaged ones are used: they are
-      the weights the run validated (and picked its best checkpoint by), tested, and that predict and
-      export load; the raw ones are kept only to resume training. Frozen stages are equal in both.
-    * The head stays in the result; :func:`_load_into` drops it (the new run builds its own).
-    """
-    # Imported here: finetune.checkpoints imports the module, which imports this file.
-    from finetune.checkpoints import build_module, checkpoint_hparams, strip_compiled
-
-    hparams = checkpoint_hparams(checkpoint, path)
-    held = str(hparams["backbone"])
-    if name is not None and held != name:
-        raise SetupError(
-            f"backbone.weights='{path}' is a finetune checkpoint of backbone '{held}' "
-            f"({hparams['num_classes']} classes), but this run builds backbone '{name}'. Start from it with "
-            f"backbone={held}, or give weights saved from a {name}."
-        )
-    checkpoint["state_dict"] = strip_compiled(checkpoint["state_dict"])
-    record = checkpoint.get(RECORD_KEY)
-    if record:
-        source = str(record.get("weights"))
-        stages = ", ".join(record.get("stages", []))
-        if weights_source(source) == "file" and not Path(source).expanduser().is_file():
-            raise SetupError(
-                f"backbone.weights='{path}' is a finetune checkpoint that does not hold its frozen stages "
-                f"({stages}): it records that they are rebuilt from their weights source, '{source}', and that "
-                f"file does not exist. Put that file back at that path, or use a checkpoint of a run with "
-                f"checkpoint_frozen_stages=store (which keeps every stage inside its checkpoints)."
-            )
-        resolved = path.resolve()
-        if resolved in _COMPLETING:
-            raise SetupError(
-                f"'{path}' records itself as the source of its frozen stages ({stages}) through '{source}': "
-                f"a run overwrote the checkpoint it started from. Use a checkpoint of a run with "
-                f"checkpoint_frozen_stages=store, or one whose weights source still exists unchanged."
-            )
-        _COMPLETING.add(resolved)
-        try:
-            module = build_module(hparams, path, record)
-            module.complete_checkpoint(checkpoint, f"'{path}'")  # the fingerprint is checked here
-        except SetupError as error:
-            raise SetupError(f"Cannot use '{path}' as backbone.weights: {error}") from None
-        finally:
-            _COMPLETING.discard(resolved)
-    log.info("backbone.weights: the %s backbone of finetune checkpoint '%s'%s%s.", held, path,
-             f", frozen stages {', '.join(record['stages'])} rebuilt from {record['weights']}" if record else "",
-             " (EMA-averaged weights)" if "current_model_state" in checkpoint else "")
-    return checkpoint["state_dict"]
 
 
 def strip_prefix(state: dict[str, Any], prefix: str) -> dict[str, Any]:

@@ -11,9 +11,9 @@ from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
 
-from finetune.backbones import build_backbone, weights_source
 from finetune.errors import SetupError
-from finetune.frozen_weights import (
+from finetune.model.backbones import build_backbone, weights_source
+from finetune.model.frozen_weights import (
     MODES,
     RECORD_KEY,
     STAGE_KEYS_PREFIX,
@@ -23,7 +23,7 @@ from finetune.frozen_weights import (
     pop_stages,
     weight_dicts,
 )
-from finetune.strategies import freeze_stages, param_groups, trainable_at, unfreeze_schedule
+from finetune.model.strategies import freeze_stages, param_groups, trainable_at, unfreeze_schedule
 
 
 def build_head(in_features: int, num_classes: int, kind: str = "linear", hidden_dim: int = 512,

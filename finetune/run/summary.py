@@ -9,13 +9,13 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from finetune.backbones import weights_source
 from finetune.data.datasets import class_counts
-from finetune.module import FinetuneModule
-from finetune.run_dir import CONFIG_NAME, SUMMARY_NAME
-from finetune.run_outputs import peak_memory, plot_confusion_matrix, write_json_atomic
-from finetune.strategies import count_params
-from finetune.unfreezing import unfreeze_events
+from finetune.model.backbones import weights_source
+from finetune.model.module import FinetuneModule
+from finetune.model.strategies import count_params
+from finetune.model.unfreezing import unfreeze_events
+from finetune.run.outputs import peak_memory, plot_confusion_matrix, write_json_atomic
+from finetune.run.run_dir import CONFIG_NAME, SUMMARY_NAME
 
 
 def device_name(root: torch.device) -> str:

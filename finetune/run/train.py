@@ -20,15 +20,17 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from finetune.backbones import Preprocessing, preprocessing_for, weights_source
 from finetune.data.datamodule import ImageDataModule, Transformed, resolve_num_workers
 from finetune.data.datasets import Splits, class_counts, load_splits
+from finetune.data.features import FeatureCacheDataModule, cache_key, frozen_prefix, weights_identity
 from finetune.data.transforms import describe, eval_transform, train_transform
 from finetune.errors import SetupError
-from finetune.features import FeatureCacheDataModule, cache_key, frozen_prefix, weights_identity
-from finetune.frozen_weights import MODES
-from finetune.module import FinetuneModule, fused_setting
-from finetune.resume import (
+from finetune.model.backbones import Preprocessing, preprocessing_for, weights_source
+from finetune.model.frozen_weights import MODES
+from finetune.model.module import FinetuneModule, fused_setting
+from finetune.model.unfreezing import StageUnfreezer
+from finetune.run.outputs import TrainingPeakMemory, reset_peak_memory
+from finetune.run.resume import (
     AtomicCheckpointIO,
     FiniteLoss,
     InterruptCheckpoint,
@@ -37,10 +39,8 @@ from finetune.resume import (
     check_resume_matches,
     resolve_resume,
 )
-from finetune.run_dir import CONFIG_NAME, SUMMARY_NAME, claim_run_dir, set_aside
-from finetune.run_outputs import TrainingPeakMemory, reset_peak_memory
-from finetune.summary import device_name, make_summary, write_run_files
-from finetune.unfreezing import StageUnfreezer
+from finetune.run.run_dir import CONFIG_NAME, SUMMARY_NAME, claim_run_dir, set_aside
+from finetune.run.summary import device_name, make_summary, write_run_files
 
 log = logging.getLogger(__name__)
 
@@ -362,7 +362,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         set_aside(claim.extends)
     (out_dir / CONFIG_NAME).write_text(OmegaConf.to_yaml(cfg, resolve=True))
     if cfg.strategy.name == "linear_probe":
-        from finetune.linear_probe import run_linear_probe
+        from finetune.run.linear_probe import run_linear_probe
 
         return run_linear_probe(cfg, splits, module, build_datamodule(cfg, splits, module), out_dir, started,
                                 augment=resolve_augment(cfg.data, cfg.strategy.name))

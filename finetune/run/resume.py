@@ -20,8 +20,8 @@ from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 from finetune.data.datamodule import EpochSampler
 from finetune.errors import SetupError
-from finetune.run_dir import NO_RESUME
-from finetune.run_outputs import write_atomic
+from finetune.run.outputs import write_atomic
+from finetune.run.run_dir import NO_RESUME
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +198,7 @@ def replay_epoch_start(trainer: pl.Trainer, pl_module: pl.LightningModule) -> No
     That is the scheduled unfreezing (which stages train in this epoch): without it a
     gradual_unfreeze run resumed after a milestone went on training with the epoch-0 stages.
     """
-    from finetune.unfreezing import StageUnfreezer
+    from finetune.model.unfreezing import StageUnfreezer
 
     for callback in trainer.callbacks:
         if isinstance(callback, StageUnfreezer):
@@ -297,7 +297,7 @@ def check_resume_matches(path: Path, cfg: DictConfig, num_classes: int) -> None:
     Without it a changed ``strategy.unfreeze_last`` or ``head.type`` failed deep in Lightning with a
     traceback, and another weights source went unnoticed (the head continued on other frozen features).
     """
-    from finetune.checkpoints import read_checkpoint
+    from finetune.model.checkpoints import read_checkpoint
 
     hp = read_checkpoint(path)["hyper_parameters"]  # refuses code pickles and foreign files, clearly
     differ = resume_differences(hp, cfg, num_classes)
@@ -327,7 +327,7 @@ def resume_settings(cfg: DictConfig, num_classes: int) -> dict[str, tuple[str, A
     """Config key -> (where ``FinetuneModule`` records it in hyper_parameters, the value this config gives)."""
     from omegaconf import OmegaConf
 
-    from finetune.backbones import preprocessing_for
+    from finetune.model.backbones import preprocessing_for
 
     strategy, head = cfg.strategy, cfg.head
     settings: dict[str, tuple[str, Any]] = {
@@ -380,7 +380,7 @@ def _same(key: str, old: Any, new: Any) -> bool:
 
 def same_weights(a: Any, b: Any) -> bool:
     """Same weights source: ImageNet / none by name (any case), a file by what it resolves to."""
-    from finetune.backbones import weights_source
+    from finetune.model.backbones import weights_source
 
     kinds = weights_source(None if a is None else str(a)), weights_source(None if b is None else str(b))
     if kinds[0] != kinds[1]:

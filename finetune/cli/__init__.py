@@ -1,0 +1,1 @@
+"""Commands beside training: check, predict, export, report, compare."""

@@ -1,0 +1,1 @@
+"""The typed config: schema, checks at the door, a run's identity."""

@@ -1,0 +1,1 @@
+"""One run, end to end: the train function, the run directory, resume, summary.json."""
