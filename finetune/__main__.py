@@ -1,7 +1,12 @@
-"""`python -m finetune [overrides]`: train one run (or a sweep with -m) from the Hydra config."""
+"""`python -m finetune [overrides]`: train one run (or a sweep with -m) from the Hydra config.
+
+The command line is checked at the door (:func:`finetune.run.door.admit`) before Hydra creates a run
+folder; inside the job the config is turned once into typed objects.
+"""
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from pathlib import Path
@@ -9,41 +14,50 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+import finetune.config  # noqa: F401  (registers the schema conf/config.yaml starts from)
 from finetune import config_dir
-from finetune.errors import SetupError
+from finetune.errors import SetupError, report_error
+
+log = logging.getLogger("finetune")
 
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")
 def _run(cfg: DictConfig) -> float | None:
     from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-    from finetune.run.train import check_config, train
+    from finetune.run.train import train
 
     started = time.time()
+    out_dir = str(cfg.paths.output_dir)
     try:
-        check_config(cfg)
         return train(cfg)["objective"]
     except SetupError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(err.exit_code)
+        log.error("%s", err)  # into the run's finetune.log too
+        sys.exit(report_error(err))
     except SIGTERMException:
-        _say_how_to_resume("SIGTERM", cfg)
+        _say_how_to_resume("SIGTERM", out_dir)
         sys.exit(143)
     except SystemExit as stop:
         # Lightning turns Ctrl-C into exit(1) after our callback saved interrupted.ckpt
-        saved = Path(cfg.paths.output_dir) / "checkpoints" / "interrupted.ckpt"
+        saved = Path(out_dir) / "checkpoints" / "interrupted.ckpt"
         if stop.code == 1 and saved.is_file() and saved.stat().st_mtime >= started:
-            _say_how_to_resume("Ctrl-C", cfg)
+            _say_how_to_resume("Ctrl-C", out_dir)
             sys.exit(130)
         raise
 
 
-def _say_how_to_resume(cause: str, cfg: DictConfig) -> None:
-    print(f"interrupted by {cause}: a resumable checkpoint is in {cfg.paths.output_dir}/checkpoints; continue "
-          f"with the same command plus resume=auto hydra.run.dir={cfg.paths.output_dir}", file=sys.stderr)
+def _say_how_to_resume(cause: str, out_dir: str) -> None:
+    print(f"interrupted by {cause}: a resumable checkpoint is in {out_dir}/checkpoints; continue "
+          f"with the same command plus resume=auto hydra.run.dir={out_dir}", file=sys.stderr)
 
 
 def main() -> None:
+    from finetune.run.door import admit
+
+    try:
+        admit(sys.argv[1:])
+    except SetupError as err:
+        sys.exit(report_error(err))
     _run()
 
 

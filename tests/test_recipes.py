@@ -16,7 +16,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from finetune.model.module import FinetuneModule
 from finetune.model.strategies import param_groups, unfreeze_schedule
 from finetune.model.unfreezing import StageUnfreezer
-from finetune.run.train import resolve_class_weights, train
+from finetune.run.builders import resolve_class_weights
+from finetune.run.train import train
 from tests.conftest import kill_resume_and_compare, own_dir, write_image_folder
 
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}

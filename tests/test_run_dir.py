@@ -11,28 +11,38 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-import finetune.run.train as train_module
 from finetune import config_dir
+from finetune.config.identity import DATA_KEY, result_defining, roles
+from finetune.config.schema import NEUTRAL
+from finetune.config.typed import to_typed, to_yaml
 from finetune.data.features import FeatureDataset, ShardFiles
 from finetune.errors import SetupError
+from finetune.run.builders import build_callbacks
 from finetune.run.outputs import write_json_atomic
 from finetune.run.run_dir import (
     CONFIG_NAME,
-    RESULT_NEUTRAL_KEYS,
     Claim,
     claim_run_dir,
-    config_differences,
-    resolved_config,
     set_aside,
+    write_identity,
 )
-from finetune.run.train import build_callbacks, check_config, monitor_mode, train
+from finetune.run.train import train
+
+FINGERPRINT = "files-of-the-data"
 
 
-def finish(cfg, summary: dict | None = None) -> Path:
+def claim(cfg, out: Path, data: str = FINGERPRINT) -> Claim:
+    typed = to_typed(cfg)
+    return claim_run_dir(typed, out, result_defining(typed, data))
+
+
+def finish(cfg, summary: dict | None = None, data: str = FINGERPRINT) -> Path:
     """Make cfg's run directory look like a finished run of cfg (what train() leaves behind)."""
-    out = Path(cfg.paths.output_dir)
+    typed = to_typed(cfg)
+    out = Path(typed.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / CONFIG_NAME).write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    (out / CONFIG_NAME).write_text(to_yaml(typed))
+    write_identity(out, result_defining(typed, data))
     (out / "summary.json").write_text(json.dumps(summary or {"finished_at": "then"}))
     return out
 
@@ -41,15 +51,16 @@ def test_sweep_folder_names_leave_out_only_result_neutral_keys() -> None:
     hydra_cfg = yaml.safe_load((config_dir() / "hydra" / "default.yaml").read_text())
     excluded = hydra_cfg["job"]["config"]["override_dirname"]["exclude_keys"]
     assert "seed" not in excluded and "data.root" not in excluded  # a sweep over them needs one folder per value
+    neutral = [key for key, role in roles().items() if role == NEUTRAL]
     for key in excluded:
-        assert any(key == n or key.startswith(f"{n}.") for n in RESULT_NEUTRAL_KEYS), key
+        assert any(key == n or key.startswith(f"{n}.") for n in neutral), f"{key} is excluded but result-defining"
 
 
 def test_finished_run_is_not_overwritten_without_resume(compose_cfg) -> None:
     cfg = compose_cfg("trainer.max_epochs=1")
     out = finish(cfg)
     with pytest.raises(SetupError, match=r"already holds a finished run.*resume=auto"):
-        claim_run_dir(cfg, out)
+        claim(cfg, out)
     assert json.loads((out / "summary.json").read_text()) == {"finished_at": "then"}
 
 
@@ -59,32 +70,38 @@ def test_unfinished_run_with_checkpoints_needs_resume(compose_cfg) -> None:
     (out / "checkpoints").mkdir(parents=True)
     (out / "checkpoints" / "last.ckpt").write_bytes(b"x")
     with pytest.raises(SetupError, match=r"unfinished run.*resume=auto"):
-        claim_run_dir(cfg, out)
-    assert claim_run_dir(compose_cfg("resume=auto"), out) == Claim()
+        claim(cfg, out)
+    assert claim(compose_cfg("resume=auto"), out) == Claim()
 
 
-def test_resume_auto_skips_only_a_run_with_the_same_config(compose_cfg) -> None:
+def test_resume_auto_skips_only_a_run_with_the_same_config_and_data(compose_cfg) -> None:
     out = finish(compose_cfg("optimizer.lr=0.01", "resume=auto"), {"finished_at": "then"})
-    # result-neutral keys may differ (another machine, more workers, no progress bar)
-    same = compose_cfg("optimizer.lr=0.01", "resume=auto", "data.num_workers=3", "callbacks.progress_bar=tqdm")
-    assert claim_run_dir(same, out).finished == {"finished_at": "then"}
-    for override, key in (("optimizer.lr=0.02", "optimizer.lr"), ("seed=7", "seed")):
-        with pytest.raises(SetupError, match=rf"another config \({key}: .* there, .* now\)"):
-            claim_run_dir(compose_cfg("optimizer.lr=0.01", "resume=auto", override), out)
+    # result-neutral keys may differ (another machine, more workers, no progress bar, another cache folder)
+    same = compose_cfg("optimizer.lr=0.01", "resume=auto", "data.num_workers=3", "callbacks.progress_bar=tqdm",
+                       "trainer.accelerator=cpu", "cache.dir=/elsewhere")
+    assert claim(same, out).finished == {"finished_at": "then"}
+    for override, key in (("optimizer.lr=0.02", "optimizer.lr"), ("seed=7", "seed"),
+                          ("data.image_size=48", "data.image_size"), ("head.dropout=0.1", "head.dropout"),
+                          ("data.split_seed=3", "data.split_seed"), ("speed.tf32=false", "speed.tf32")):
+        with pytest.raises(SetupError, match=rf"another config or data \({key}: .* there, .* now\)"):
+            claim(compose_cfg("optimizer.lr=0.01", "resume=auto", override), out)
+    with pytest.raises(SetupError, match=rf"{DATA_KEY}: files-of-the.* there, other-files.* now"):
+        claim(compose_cfg("optimizer.lr=0.01", "resume=auto"), out, data="other-files")
     assert (out / "summary.json").is_file()
 
 
 def test_resume_auto_extends_a_finished_run_to_more_epochs(compose_cfg) -> None:
     out = finish(compose_cfg("trainer.max_epochs=2", "resume=auto"), {"epochs_run": 2})
     with pytest.raises(SetupError, match="another config"):
-        claim_run_dir(compose_cfg("trainer.max_epochs=1", "resume=auto"), out)  # fewer epochs: not an extension
+        claim(compose_cfg("trainer.max_epochs=1", "resume=auto"), out)  # fewer epochs: not an extension
     with pytest.raises(SetupError, match=r"last\.ckpt is gone"):
-        claim_run_dir(compose_cfg("trainer.max_epochs=4", "resume=auto"), out)
+        claim(compose_cfg("trainer.max_epochs=4", "resume=auto"), out)
     (out / "checkpoints").mkdir()
     (out / "checkpoints" / "last.ckpt").write_bytes(b"x")
-    claim = claim_run_dir(compose_cfg("trainer.max_epochs=4", "resume=auto"), out)
-    assert claim == Claim(extends=out / "summary.json") and (out / "summary.json").is_file()  # deciding writes nothing
-    assert set_aside(claim.extends) == out / "summary.until-epoch2.json"
+    claimed = claim(compose_cfg("trainer.max_epochs=4", "resume=auto"), out)
+    assert claimed == Claim(extends=out / "summary.json")
+    assert (out / "summary.json").is_file()  # deciding writes nothing
+    assert set_aside(claimed.extends) == out / "summary.until-epoch2.json"
     assert not (out / "summary.json").exists()  # unfinished again until the extension ends ...
     (out / "summary.json").write_text(json.dumps({"epochs_run": 4}))  # ... which ends, and is extended again
     set_aside(out / "summary.json")
@@ -93,66 +110,30 @@ def test_resume_auto_extends_a_finished_run_to_more_epochs(compose_cfg) -> None:
     assert set_aside(out / "summary.json") is None  # another rank moved it first: nothing to do, no crash
 
 
-def test_config_keys_added_later_and_a_moved_run_folder_are_no_difference(compose_cfg, tmp_path: Path) -> None:
+def test_a_moved_run_folder_is_no_difference_and_a_run_without_identity_is_refused(compose_cfg, tmp_path) -> None:
+    out = finish(compose_cfg("resume=auto"))
+    moved = tmp_path / "elsewhere"
+    out.rename(moved)
     cfg = compose_cfg("resume=auto")
-    stored = resolved_config(cfg)
-    del stored["monitor_mode"]  # written by a version without that key
-    moved = str(tmp_path / "elsewhere" / "run")
-    stored["paths"]["output_dir"] = moved  # the folder was copied here from elsewhere
-    stored["callbacks"]["checkpoint"]["dirpath"] = f"{moved}/checkpoints"
-    out = Path(cfg.paths.output_dir)
-    out.mkdir(parents=True)
-    (out / CONFIG_NAME).write_text(yaml.safe_dump(stored))
-    (out / "summary.json").write_text("{}")
-    assert config_differences(stored, resolved_config(cfg)) == {}
-    assert claim_run_dir(cfg, out).finished == {}
-    stored["callbacks"]["checkpoint"]["dirpath"] = "/somewhere/else/checkpoints"  # not inside the run folder
-    assert list(config_differences(stored, resolved_config(cfg))) == ["callbacks.checkpoint.dirpath"]
+    cfg.paths.output_dir = str(moved)
+    assert claim(cfg, moved).finished == {"finished_at": "then"}  # paths are result-neutral
+    (moved / "run_identity.json").unlink()
+    with pytest.raises(SetupError, match=r"without run_identity\.json"):
+        claim(cfg, moved)
 
 
 def test_resolved_config_round_trips_unchanged(compose_cfg) -> None:
     cfg = compose_cfg()
     out = finish(cfg)
-    assert resolved_config(cfg) == yaml.safe_load((out / CONFIG_NAME).read_text())
+    again = to_typed(OmegaConf.merge(cfg, OmegaConf.load(out / CONFIG_NAME)))
+    assert to_yaml(again) == (out / CONFIG_NAME).read_text()
 
 
-@pytest.mark.parametrize(("override", "key"), [
-    ("head.dropout=2", "head.dropout"),
-    ("loss.label_smoothing=2", "loss.label_smoothing"),
-    ("regularization.ema_decay=1.5", "regularization.ema_decay"),
-    ("regularization.mixup_alpha=-1", "regularization.mixup_alpha"),
-    ("optimizer.weight_decay=-1", "optimizer.weight_decay"),
-    ("optimizer.layer_decay=0", "optimizer.layer_decay"),
-    ("optimizer.fused=sometimes", "optimizer.fused"),
-    ("cache.dtype=int8", "cache.dtype"),
-    ("cache.dtype=bfloat16", "cache.dtype"),
-    ("trainer.precision=foo", "trainer.precision"),
-    ("data.num_workers=-3", "data.num_workers"),
-    ("trainer.max_epochs=0", "trainer.max_epochs"),
-    ("monitor=val/accuracy", "monitor"),
-    ("monitor_mode=biggest", "monitor_mode"),
-])
-def test_bad_values_are_refused_before_training(compose_cfg, override: str, key: str) -> None:
-    with pytest.raises(SetupError, match=rf"^{key}="):
-        check_config(compose_cfg(override))
-
-
-def test_good_values_pass(compose_cfg) -> None:
-    check_config(compose_cfg("trainer.precision=bf16-mixed", "data.num_workers=2", "cache.dtype=float16",
-                             "regularization.ema_decay=0.999", "monitor=val/loss", "trainer.max_epochs=-1",
-                             "optimizer.fused=false"))
-    check_config(compose_cfg("trainer.precision=null", "monitor=train/acc"))  # null: Lightning's default
-
-
-def test_loss_monitor_keeps_the_lowest_and_sweep_direction_must_agree(compose_cfg, monkeypatch) -> None:
-    cfg = compose_cfg("monitor=val/loss")
-    assert monitor_mode(cfg) == "min" and monitor_mode(compose_cfg()) == "max"
+def test_loss_monitor_keeps_the_lowest(compose_cfg) -> None:
+    cfg = to_typed(compose_cfg("monitor=val/loss"))
+    assert cfg.best_mode() == "min" and to_typed(compose_cfg()).best_mode() == "max"
     checkpoint = build_callbacks(cfg)[0]
     assert checkpoint.monitor == "val/loss" and checkpoint.mode == "min"
-    monkeypatch.setattr(train_module, "sweep_direction", lambda: "maximize")
-    with pytest.raises(SetupError, match=r"hydra\.sweeper\.direction=minimize"):
-        check_config(cfg)
-    check_config(compose_cfg())  # val/acc with maximize is fine
 
 
 def test_loss_monitor_picks_the_epoch_with_the_lowest_val_loss(compose_cfg) -> None:

@@ -143,24 +143,25 @@ def test_every_backbone_trains_at_tiny_size(compose_cfg, backbone: str) -> None:
     assert summary["backbone"] == backbone and 0.0 <= summary["test"]["acc"] <= 1.0
 
 
-def test_tf32_switch_sets_torch_precision_and_refuses_other_values() -> None:
+def test_tf32_switch_sets_torch_precision_and_refuses_other_values(compose_cfg) -> None:
     import torch
 
+    from finetune.config.typed import to_typed
     from finetune.errors import SetupError
-    from finetune.run.train import apply_tf32
+    from finetune.run.builders import apply_tf32
 
     def state() -> tuple[bool, str]:
         # Lightning reads get_float32_matmul_precision() on CUDA set-up: it must not raise afterwards
         return torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision()
 
     try:
-        apply_tf32("false")
+        apply_tf32(False)
         assert state() == (False, "highest")
         apply_tf32(True)
         assert state() == (True, "high")
         apply_tf32("auto")  # PyTorch's defaults again: a later job of a sweep does not inherit
         assert state() == (True, "highest")
         with pytest.raises(SetupError, match=r"speed\.tf32"):
-            apply_tf32("fast")
+            to_typed(compose_cfg("speed.tf32=fast"))
     finally:
         apply_tf32("auto")

@@ -268,6 +268,7 @@ SOURCES: dict[str, Callable[..., Splits]] = {
 
 
 def load_splits(cfg: Any, **kwargs: Any) -> Splits:
-    if cfg.name not in SOURCES:
-        raise SetupError(f"Unknown data '{cfg.name}'. Choose one of: {', '.join(SOURCES)}.")
-    return SOURCES[cfg.name](cfg, **kwargs)
+    name = str(cfg.name)
+    if name not in SOURCES:
+        raise SetupError(f"Unknown data '{name}'. Choose one of: {', '.join(SOURCES)}.")
+    return SOURCES[name](cfg, **kwargs)

@@ -155,6 +155,12 @@ def check_name(name: str) -> None:
         )
 
 
+def stage_names_of(name: str) -> tuple[str, ...]:
+    """The ordered stage names of a backbone, without building it (config checks at the door)."""
+    check_name(name)
+    return RESNET_STAGES if family(name) == "resnet" else VGG_STAGES
+
+
 def imagenet_weights(name: str) -> torchvision.models.WeightsEnum:
     """torchvision's best ImageNet weights for this model (the DEFAULT entry)."""
     check_name(name)

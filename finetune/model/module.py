@@ -148,6 +148,7 @@ class FinetuneModule(pl.LightningModule):
         class_weights: list[float] | None = None,
         regularization: dict | None = None,
         checkpoint_frozen_stages: str = "reference",
+        identity: dict | None = None,
     ) -> None:
         super().__init__()
         if checkpoint_frozen_stages not in MODES:

@@ -9,22 +9,23 @@ from __future__ import annotations
 
 import time
 import warnings
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from omegaconf import DictConfig
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import balanced_accuracy_score, f1_score, log_loss, top_k_accuracy_score
 from sklearn.preprocessing import StandardScaler
 
+from finetune.config.schema import FinetuneConfig, HeadType
 from finetune.data.features import FeatureCacheDataModule
 from finetune.errors import SetupError
 from finetune.model.module import FinetuneModule
+from finetune.run.builders import build_datamodule, build_module, resolve_augment
 from finetune.run.outputs import write_atomic
+from finetune.run.setup import prepare_run
 from finetune.run.summary import device_name, make_summary, write_run_files
 
 
@@ -65,17 +66,22 @@ def fold_into_head(module: FinetuneModule, scaler: StandardScaler, clf: Logistic
         linear.bias.copy_(torch.from_numpy(bias))
 
 
-def run_linear_probe(cfg: DictConfig, splits: Any, module: FinetuneModule, datamodule: Any, out_dir: Path,
-                     started: float, augment: bool) -> dict[str, Any]:
-    """Extract (or reuse) features, fit the probe, write checkpoint + summary.json like a trained run."""
+def probe(cfg: FinetuneConfig) -> dict[str, Any]:
+    """The linear-probe job: extract (or reuse) features, fit the probe, write checkpoint + summary.json like a
+    trained run."""
+    run = prepare_run(cfg)
+    if isinstance(run, dict):
+        return run
+    module = build_module(cfg, run.splits, run.identity)
+    datamodule = build_datamodule(cfg, run.splits, module)
     if not isinstance(datamodule, FeatureCacheDataModule):
         raise SetupError("strategy=linear_probe works on cached features: keep cache.enabled=auto and "
                          "data.augment=false (or auto).")
-    if module.hparams.head.get("type", "linear") != "linear":
+    if cfg.head.type != HeadType.linear:
         raise SetupError("strategy=linear_probe fits a linear classifier: use head.type=linear.")
-    accelerator = str(cfg.trainer.get("accelerator", "auto"))
-    device = torch.device("cuda" if torch.cuda.is_available() and accelerator != "cpu" else "cpu")
+    device = torch.device("cuda" if torch.cuda.is_available() and cfg.trainer.accelerator != "cpu" else "cpu")
     datamodule.prepare(device=device)
+    splits, out_dir, started = run.splits, run.out_dir, run.started
     fit_started = time.perf_counter()
     (x_train, y_train), (x_val, y_val), (x_test, y_test) = (_arrays(datamodule, s) for s in ("train", "val", "test"))
     grid = np.logspace(np.log10(cfg.strategy.c_min), np.log10(cfg.strategy.c_max), int(cfg.strategy.c_num))
@@ -112,7 +118,8 @@ def run_linear_probe(cfg: DictConfig, splits: Any, module: FinetuneModule, datam
     module.on_save_checkpoint(checkpoint)  # frozen stages as in every run's checkpoints (checkpoint_frozen_stages)
     write_atomic(ckpt, lambda f: torch.save(checkpoint, f))
     summary = make_summary(
-        cfg, splits, module, out_dir, augment=augment, feature_cache=str(datamodule.folder),
+        cfg, splits, module, out_dir, augment=resolve_augment(cfg.data, cfg.strategy.name),
+        feature_cache=str(datamodule.folder),
         epochs_run=0, global_steps=0,
         best_val_metric=float(scores[best]), best_checkpoint=str(ckpt), test=test,
         seconds={"feature_extraction": datamodule.extract_seconds, "training": fit_seconds, "test": 0.0,

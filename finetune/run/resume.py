@@ -15,9 +15,9 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from lightning_fabric.utilities.seed import _collect_rng_states, _set_rng_states
-from omegaconf import DictConfig
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
+from finetune.config.identity import describe, differences, only_extends
 from finetune.data.datamodule import EpochSampler
 from finetune.errors import SetupError
 from finetune.run.outputs import write_atomic
@@ -280,117 +280,28 @@ def resolve_resume(value: Any, run_dir: Path) -> Path | None:
     return path
 
 
-# Kept as they are on resume, deliberately: trainer.* (max_epochs extends a run), head.dropout,
-# loss.label_smoothing, regularization mixup/cutmix/mix_prob/tta_hflip, scheduler warmup_epochs/min_lr_ratio
-# (they take effect from the resumed step on) and checkpoint_frozen_stages (a checkpoint's own record of
-# left-out stages decides how it loads). Everything compared below shapes the model, the optimizer's
-# groups or the frozen features, or is restored from the checkpoint so that a new value would be ignored.
-RESUME_FIX = ("Resume with the checkpoint's settings (the run's resolved_config.yaml lists them), or start a "
-              "new run: resume=none with another hydra.run.dir. Only trainer.max_epochs (to extend a run) and "
-              "training-only knobs (head.dropout, loss.label_smoothing, mixup/cutmix, scheduler warmup/min_lr_ratio) "
-              "may change on resume")
+def check_resume_matches(path: Path, identity: dict[str, Any]) -> None:
+    """Refuse, before any weights load, a checkpoint of another run: its recorded identity must be this one's.
 
-
-def check_resume_matches(path: Path, cfg: DictConfig, num_classes: int) -> None:
-    """Refuse, before any weights load, a checkpoint whose model or optimizer this config would build otherwise.
-
-    Without it a changed ``strategy.unfreeze_last`` or ``head.type`` failed deep in Lightning with a
-    traceback, and another weights source went unnoticed (the head continued on other frozen features).
+    Only ``trainer.max_epochs`` may grow (the run continues to more epochs). A changed seed, data root or
+    data file, transform, strategy, optimizer or regularization is named with both values: the resumed run
+    would otherwise mix two runs' results (a new seed's cache under the old backbone, another folder's data).
     """
     from finetune.model.checkpoints import read_checkpoint
 
     hp = read_checkpoint(path)["hyper_parameters"]  # refuses code pickles and foreign files, clearly
-    differ = resume_differences(hp, cfg, num_classes)
-    if differ:
-        listed = "; ".join(f"{key} is {old!r} in the checkpoint but {new!r} now" for key, (old, new) in differ.items())
+    recorded = hp.get("identity")
+    if not isinstance(recorded, dict):
         raise SetupError(
-            f"Cannot resume from '{path}': {listed}. These settings shape the model, its optimizer groups or its "
-            f"frozen features, or come back from the checkpoint's optimizer state (a new value would be ignored). "
-            f"{RESUME_FIX}."
+            f"Cannot resume from '{path}': it records no run identity (written by an earlier finetune version), so "
+            f"it cannot be shown to belong to this config and data. Start a new run (resume=null, another "
+            f"hydra.run.dir), or use its weights with backbone.weights='{path}'."
         )
-
-
-def resume_differences(hp: dict[str, Any], cfg: DictConfig, num_classes: int) -> dict[str, tuple[Any, Any]]:
-    """``{config key: (checkpoint's value, config's value)}`` for each setting a resume must keep.
-
-    Settings a checkpoint does not record (older versions) are not compared.
-    """
-    differ = {}
-    for key, (field, now) in resume_settings(cfg, num_classes).items():
-        found, old = _lookup(hp, field)
-        if found and not _same(key, old, now):
-            differ[key] = (old, now)
-    return differ
-
-
-def resume_settings(cfg: DictConfig, num_classes: int) -> dict[str, tuple[str, Any]]:
-    """Config key -> (where ``FinetuneModule`` records it in hyper_parameters, the value this config gives)."""
-    from omegaconf import OmegaConf
-
-    from finetune.model.backbones import preprocessing_for
-
-    strategy, head = cfg.strategy, cfg.head
-    settings: dict[str, tuple[str, Any]] = {
-        "backbone": ("backbone", cfg.backbone.name),
-        "num_classes (data)": ("num_classes", num_classes),
-        "backbone.weights": ("weights", cfg.backbone.get("weights")),
-        "strategy": ("strategy", strategy.name),
-        "strategy.unfreeze_last": ("unfreeze_last", strategy.get("unfreeze_last")),
-        "strategy.milestones": ("milestones", list(strategy.get("milestones") or []) or None),
-        "strategy.freeze_epochs": ("freeze_epochs", strategy.get("freeze_epochs")),
-        "strategy.backbone_lr_ratio": ("backbone_lr_ratio", float(strategy.backbone_lr_ratio)),
-        "head.type": ("head.type", head.get("type", "linear")),
-        "scheduler.name": ("scheduler.name", cfg.scheduler.get("name", "none")),
-        "loss.class_weights": ("class_weights", cfg.loss.get("class_weights")),
-        "regularization.ema_decay": ("regularization.ema_decay", (cfg.get("regularization") or {}).get("ema_decay")),
-        "data.image_size": ("preprocessing.crop_size",
-                            preprocessing_for(cfg.backbone.name).at_size(cfg.data.get("image_size")).crop_size),
-    }
-    if head.get("type", "linear") == "mlp":
-        settings["head.hidden_dim"] = ("head.hidden_dim", int(head.get("hidden_dim", 512)))
-    for name, value in OmegaConf.to_container(cfg.optimizer, resolve=True).items():
-        settings[f"optimizer.{name}"] = (f"optimizer.{name}", value)
-    return settings
-
-
-def _lookup(hp: dict[str, Any], field: str) -> tuple[bool, Any]:
-    """(recorded?, value) of a dotted hyper_parameters field such as ``optimizer.lr``."""
-    node: Any = hp
-    for part in field.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return False, None
-        node = node[part]
-    return True, node
-
-
-def _same(key: str, old: Any, new: Any) -> bool:
-    if key == "backbone.weights":
-        return same_weights(old, new)
-    if key == "loss.class_weights":
-        if new in (None, "none", "null", False) or new == []:
-            return old is None  # every spelling of "no class weights" (resolve_class_weights)
-        if new == "auto":
-            return old is not None  # computed from the train split: equal for the same data
-    if isinstance(old, int | float) and isinstance(new, int | float) and not isinstance(old, bool):
-        return float(old) == float(new)
-    if isinstance(old, list | tuple) and isinstance(new, list | tuple):
-        return len(old) == len(new) and all(_same(key, a, b) for a, b in zip(old, new, strict=True))
-    return old == new
-
-
-def same_weights(a: Any, b: Any) -> bool:
-    """Same weights source: ImageNet / none by name (any case), a file by what it resolves to."""
-    from finetune.model.backbones import weights_source
-
-    kinds = weights_source(None if a is None else str(a)), weights_source(None if b is None else str(b))
-    if kinds[0] != kinds[1]:
-        return False
-    if kinds[0] != "file":
-        return True
-    first, second = (Path(str(w)).expanduser().resolve() for w in (a, b))
-    if first == second:
-        return True
-    try:
-        return os.path.samefile(first, second)
-    except OSError:  # one of them is missing: not provably the same file
-        return False
+    diffs = differences(recorded, identity)
+    if diffs and not only_extends(diffs):
+        raise SetupError(
+            f"Cannot resume from '{path}': this config or data is not the checkpoint's ({describe(diffs)}). A resumed "
+            f"run must compute what the interrupted one would have; only trainer.max_epochs may grow. Resume with "
+            f"the run's own settings (its resolved_config.yaml lists them), or start a new run: resume=null with "
+            f"another hydra.run.dir."
+        )

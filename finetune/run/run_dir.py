@@ -1,8 +1,9 @@
 """What a run directory already holds decides what a new run there may do.
 
-A finished run (summary.json) is a record: ``resume=auto`` skips it only when its config is the
-one asked for now (how a sweep is resumed), extends it when only ``trainer.max_epochs`` grew, and
-refuses any other difference; a run started there without ``resume`` is refused instead of
+A finished run (summary.json) is a record: ``resume=auto`` skips it only when its identity (the
+result-defining config and the data fingerprint, run_identity.json) is the one asked for now (how a
+sweep is resumed), extends it when only ``trainer.max_epochs`` grew, and refuses any other difference;
+a run started there without ``resume`` is refused instead of
 overwriting that record or mixing its checkpoints with new ones. Deciding writes nothing; an
 extension sets the old summary aside only after the resume's own checks passed.
 """
@@ -15,77 +16,30 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
-
+from finetune.config.identity import DATA_KEY, describe, differences, only_extends
+from finetune.config.schema import FinetuneConfig
 from finetune.errors import SetupError
+from finetune.run.outputs import write_json_atomic
 
 log = logging.getLogger(__name__)
 
 CONFIG_NAME = "resolved_config.yaml"  # the run's config, resolved: written before training
 SUMMARY_NAME = "summary.json"  # written last: its presence means the run finished
-NO_RESUME = (None, False, "none", "null", "")  # how a config says "start fresh"
-# Keys that do not change what a run computes (where files go, how it is shown, where it runs):
-# they neither name a sweep job's folder (conf/hydra/default.yaml's exclude_keys) nor make a
-# finished run's config differ.
-RESULT_NEUTRAL_KEYS = ("resume", "paths", "cache.dir", "callbacks.progress_bar", "data.num_workers",
-                       "trainer.accelerator", "trainer.devices")
+NO_RESUME = (None, "none", "null", "", "false", "False")  # how a config says "start fresh"
+IDENTITY_NAME = "run_identity.json"  # the run's identity (finetune.config.identity), beside its config
 
 
-def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(node, dict):
-        flat: dict[str, Any] = {}
-        for key, value in node.items():
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        return flat
-    return {prefix[:-1]: node}
+def write_identity(out_dir: Path, identity: dict[str, Any]) -> None:
+    write_json_atomic(out_dir / IDENTITY_NAME, identity)
 
 
-def _neutral(key: str) -> bool:
-    return any(key == name or key.startswith(f"{name}.") for name in RESULT_NEUTRAL_KEYS)
-
-
-def resolved_config(cfg: DictConfig) -> dict[str, Any]:
-    """The config as it is written to ``resolved_config.yaml`` and read back (same types both sides)."""
-    return _load(OmegaConf.to_yaml(cfg, resolve=True))
-
-
-def _load(text: str) -> dict[str, Any]:
-    loaded = OmegaConf.to_container(OmegaConf.create(text)) if text.strip() else {}
-    return loaded if isinstance(loaded, dict) else {}
-
-
-def config_differences(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
-    """Keys whose values differ: ``{key: (old, new)}``.
-
-    Left out: result-neutral keys; keys only one side has (a config key added by a later version
-    of finetune is not a difference of the run); and paths under the run's own folder, compared
-    relative to it (``callbacks.checkpoint.dirpath`` ... of a run folder that was moved or copied).
-    """
-    a, b = _flatten(old), _flatten(new)
-    home_a, home_b = str(a.get("paths.output_dir", "")), str(b.get("paths.output_dir", ""))
-    return {key: (a[key], b[key]) for key in sorted(set(a) & set(b))
-            if not _neutral(key) and _rebased(a[key], home_a, home_b) != b[key]}
-
-
-def _rebased(value: Any, old_home: str, new_home: str) -> Any:
-    """A path inside the old run folder, as the same path inside the new one."""
-    if old_home and isinstance(value, str) and (value == old_home or value.startswith(old_home.rstrip("/") + "/")):
-        return new_home + value[len(old_home):]
-    return value
-
-
-def _describe(diffs: dict[str, tuple[Any, Any]], limit: int = 6) -> str:
-    shown = [f"{key}: {old} there, {new} now" for key, (old, new) in list(diffs.items())[:limit]]
-    more = f" and {len(diffs) - limit} more" if len(diffs) > limit else ""
-    return "; ".join(shown) + more
-
-
-def _extends(diffs: dict[str, tuple[Any, Any]]) -> bool:
-    """Only more epochs asked for: the finished run continues from its last checkpoint."""
-    if set(diffs) != {"trainer.max_epochs"}:
-        return False
-    old, new = diffs["trainer.max_epochs"]
-    return isinstance(old, int) and isinstance(new, int) and new > old
+def read_identity(out_dir: Path) -> dict[str, Any] | None:
+    """The identity a run recorded; None when it has none (an older version) or it cannot be read."""
+    try:
+        loaded = json.loads((out_dir / IDENTITY_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+    return loaded if isinstance(loaded, dict) else None
 
 
 @dataclass
@@ -97,9 +51,14 @@ class Claim:
     extends: Path | None = None
 
 
-def claim_run_dir(cfg: DictConfig, out_dir: Path) -> Claim:
-    """Decide, writing nothing, whether this run may use ``out_dir``; a SetupError when it would overwrite a run."""
-    resume = cfg.get("resume")
+def claim_run_dir(cfg: FinetuneConfig, out_dir: Path, identity: dict[str, Any], compare_data: bool = True) -> Claim:
+    """Decide, writing nothing, whether this run may use ``out_dir``; a SetupError when it would overwrite a run.
+
+    ``identity`` is this run's (:func:`finetune.config.identity.result_defining`): a finished run there is
+    skipped only when its recorded identity is the same, extended when only ``trainer.max_epochs`` grew.
+    ``compare_data=False``: the data is not loaded yet (the check at the door); its fingerprint is left out.
+    """
+    resume = cfg.resume
     finished = out_dir / SUMMARY_NAME
     if not finished.is_file():
         has_checkpoints = any((out_dir / "checkpoints").glob("*.ckpt"))
@@ -117,19 +76,27 @@ def claim_run_dir(cfg: DictConfig, out_dir: Path) -> Claim:
             f"sweep; the default is a new timestamped folder), use resume=auto to skip it (or to extend it with a "
             f"larger trainer.max_epochs), or delete that folder to redo it."
         )
-    stored = out_dir / CONFIG_NAME
-    diffs = config_differences(_load(stored.read_text()), resolved_config(cfg)) if stored.is_file() else {}
+    stored = read_identity(out_dir)
+    if stored is None:
+        raise SetupError(
+            f"resume=auto: {out_dir} holds a finished run without {IDENTITY_NAME} (an earlier finetune version, or "
+            f"a damaged folder), so it cannot be shown to be this config's run. Give this run its own "
+            f"hydra.run.dir (or a new hydra.sweep.dir), or delete that folder to redo it."
+        )
+    diffs = differences(stored, identity)
+    if not compare_data:
+        diffs.pop(DATA_KEY, None)
     if not diffs:
         log.info("resume=auto: %s is finished with the same config; skipping it", out_dir)
         return Claim(finished=json.loads(finished.read_text()))
-    if _extends(diffs):
+    if only_extends(diffs):
         if not (out_dir / "checkpoints" / "last.ckpt").is_file():
             raise SetupError(f"resume=auto with trainer.max_epochs={diffs['trainer.max_epochs'][1]} would extend the "
                              f"finished run in {out_dir}, but its checkpoints/last.ckpt is gone. Give the longer run "
                              f"its own hydra.run.dir.")
         return Claim(extends=finished)
     raise SetupError(
-        f"resume=auto: {out_dir} holds a finished run with another config ({_describe(diffs)}). Its results "
+        f"resume=auto: {out_dir} holds a finished run with another config or data ({describe(diffs)}). Its results "
         f"are not those of this config, and a new run there would overwrite them. Give the new settings their "
         f"own hydra.run.dir (or a new hydra.sweep.dir for a sweep), or delete that folder to redo it."
     )

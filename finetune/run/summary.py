@@ -7,8 +7,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 
+from finetune.config.schema import FinetuneConfig
+from finetune.config.typed import plain
 from finetune.data.datasets import class_counts
 from finetune.model.backbones import weights_source
 from finetune.model.module import FinetuneModule
@@ -25,7 +26,7 @@ def device_name(root: torch.device) -> str:
 
 
 def make_summary(
-    cfg: DictConfig, splits: Any, module: FinetuneModule, out_dir: Path, *, augment: bool,
+    cfg: FinetuneConfig, splits: Any, module: FinetuneModule, out_dir: Path, *, augment: bool,
     feature_cache: str | None,
     epochs_run: int, global_steps: int, best_val_metric: float | None, best_checkpoint: str | None,
     test: dict[str, float], seconds: dict[str, float], device: str, monitor: str | None = None,
@@ -37,10 +38,10 @@ def make_summary(
         "backbone": cfg.backbone.name,
         "weights": source,
         "weights_path": str(cfg.backbone.weights) if source == "file" else None,
-        "strategy": cfg.strategy.name,
-        "unfreeze_last": cfg.strategy.get("unfreeze_last"),
+        "strategy": str(cfg.strategy.name),
+        "unfreeze_last": cfg.strategy.unfreeze_last,
         "trainable_stages": list(module.trainable),
-        "dataset": cfg.data.name,
+        "dataset": str(cfg.data.name),
         "augment": augment,
         "feature_cache": feature_cache,
         "num_classes": splits.num_classes,
@@ -61,30 +62,29 @@ def make_summary(
         "wall_seconds": {k: round(float(v), 3) for k, v in seconds.items()},
         "peak_memory": peak_memory(),
         "device": device,
-        "precision": str(cfg.trainer.get("precision")),
+        "precision": str(cfg.trainer.precision),
         "config_path": str(out_dir / CONFIG_NAME),
         "run_dir": str(out_dir),
-        "seed": int(cfg.seed),
+        "seed": cfg.seed,
         "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "objective": best_val_metric,
         **(extra or {}),
     }
 
 
-def recipe(cfg: DictConfig, augment: bool) -> dict[str, Any]:
+def recipe(cfg: FinetuneConfig, augment: bool) -> dict[str, Any]:
     """The training recipe in effect, so a sweep's table can say what each job did."""
-    container = OmegaConf.to_container(cfg, resolve=True)
     return {
-        "strategy": container["strategy"],
-        "optimizer": container["optimizer"],
-        "scheduler": container.get("scheduler"),
-        "loss": container.get("loss"),
-        "head": container.get("head"),
-        "regularization": container.get("regularization"),
+        "strategy": plain(cfg.strategy),
+        "optimizer": plain(cfg.optimizer),
+        "scheduler": plain(cfg.scheduler),
+        "loss": plain(cfg.loss),
+        "head": plain(cfg.head),
+        "regularization": plain(cfg.regularization),
         "augment": augment,
-        "balanced_sampler": bool(cfg.data.get("balanced_sampler", False)),
-        "batch_size": int(cfg.data.batch_size),
-        "max_epochs": cfg.trainer.get("max_epochs"),
+        "balanced_sampler": cfg.data.balanced_sampler,
+        "batch_size": cfg.data.batch_size,
+        "max_epochs": cfg.trainer.max_epochs,
     }
 
 

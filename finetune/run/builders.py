@@ -1,0 +1,278 @@
+"""Each piece of a run built from the typed config, in the order of DESIGN.md's data flow.
+
+Module, datamodule (image loaders or the feature cache), callbacks, loggers and the Trainer. Every
+function takes the checked :class:`~finetune.config.schema.FinetuneConfig` (or a part of it), never a
+DictConfig, and reads attributes: the defaults live in the schema and the YAML, once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from hydra.utils import get_class
+
+from finetune.config.schema import (
+    DataConfig,
+    FinetuneConfig,
+    ProgressBar,
+    StrategyName,
+)
+from finetune.config.typed import plain
+from finetune.data.datamodule import ImageDataModule, Transformed, resolve_num_workers
+from finetune.data.datasets import Splits, class_counts
+from finetune.data.features import FeatureCacheDataModule, cache_key, frozen_prefix, weights_identity
+from finetune.data.transforms import describe, eval_transform, train_transform
+from finetune.errors import SetupError
+from finetune.model.backbones import Preprocessing, preprocessing_for, weights_source
+from finetune.model.module import FinetuneModule
+from finetune.model.unfreezing import StageUnfreezer
+from finetune.run.resume import (
+    AtomicCheckpointIO,
+    FiniteLoss,
+    InterruptCheckpoint,
+    ResumeInEpoch,
+    RNGState,
+)
+
+log = logging.getLogger(__name__)
+
+
+def build_module(cfg: FinetuneConfig, splits: Splits, identity: dict[str, Any] | None = None) -> FinetuneModule:
+    prep = preprocessing_for(cfg.backbone.name).at_size(cfg.data.image_size)
+    return FinetuneModule(
+        backbone=cfg.backbone.name,
+        num_classes=splits.num_classes,
+        weights=resolved_weights(cfg.backbone.weights),
+        strategy=str(cfg.strategy.name),
+        unfreeze_last=cfg.strategy.unfreeze_last,
+        backbone_lr_ratio=float(cfg.strategy.backbone_lr_ratio),
+        class_names=list(splits.classes),
+        head=plain(cfg.head),
+        optimizer=plain(cfg.optimizer),
+        scheduler=plain(cfg.scheduler),
+        label_smoothing=float(cfg.loss.label_smoothing),
+        preprocessing={"resize_size": prep.resize_size, "crop_size": prep.crop_size,
+                       "mean": list(prep.mean), "std": list(prep.std)},
+        milestones=list(cfg.strategy.milestones or []) or None,
+        freeze_epochs=cfg.strategy.freeze_epochs,
+        class_weights=resolve_class_weights(cfg.loss.class_weights, splits),
+        regularization=plain(cfg.regularization),
+        checkpoint_frozen_stages=str(cfg.checkpoint_frozen_stages),
+        identity=identity,
+    )
+
+
+def resolved_weights(weights: str) -> str:
+    """'imagenet', 'none', or the weights file as an absolute path: checkpoints rebuild frozen stages from
+    it, from whatever directory they are loaded."""
+    if weights_source(weights) != "file":
+        return str(weights)
+    return str(Path(weights).expanduser().resolve())
+
+
+def resolve_class_weights(value: Any, splits: Splits) -> list[float] | None:
+    """``auto``: inverse class frequency of the train split (n / (classes x count)), as sklearn's 'balanced'."""
+    if value is None:
+        return None
+    if value != "auto":
+        weights = [float(w) for w in value]
+        if len(weights) != splits.num_classes:
+            raise SetupError(f"loss.class_weights has {len(weights)} values for {splits.num_classes} classes.")
+        return weights
+    counts = class_counts(splits.train, splits.num_classes)
+    total = sum(counts)
+    return [total / (len(counts) * c) if c else 0.0 for c in counts]
+
+
+def resolve_augment(data: DataConfig, strategy: StrategyName) -> bool:
+    """``auto``: no augmentation for feature_extractor (the linear-probe protocol), else on."""
+    if data.augment == "auto":
+        return strategy not in (StrategyName.feature_extractor, StrategyName.linear_probe)
+    return bool(data.augment)
+
+
+def decide_cache(cfg: FinetuneConfig, frozen_prefix_len: int, augment: bool) -> tuple[bool, str]:
+    """Whether the feature cache serves this run, and a one-line note when it does not."""
+    if cfg.cache.enabled is False:
+        return False, ""
+    if frozen_prefix_len == 0:
+        return False, "feature cache off: no leading stage is frozen (full_finetune)."
+    if augment and cfg.cache.views <= 0:
+        return False, ("feature cache off: train augmentation changes the input every epoch; set "
+                       "data.augment=false (linear-probe protocol) or cache.views=K to cache K augmented views.")
+    return True, ""
+
+
+def use_channels_last(cfg: FinetuneConfig) -> bool:
+    """``auto``: channels_last, for training and for the frozen-prefix extraction alike, on CPU and CUDA.
+
+    Measured (BENCHMARKS.md): 1.2-1.4x faster inference forward and ~5-10% faster training steps on a
+    CPU core, 1.5x for bf16 on an H200. Extraction and training must use the same layout: on CPU the
+    cached features are then bit-identical to what the uncached path computes (per-sample results do
+    not depend on the batch size there), so a cached run reproduces an uncached one exactly.
+    """
+    return True if cfg.speed.channels_last == "auto" else bool(cfg.speed.channels_last)
+
+
+def apply_tf32(value: Any) -> None:
+    """``speed.tf32``: auto = PyTorch's defaults (cuDNN convolutions in TF32, matmuls in full fp32).
+
+    true: convolutions and matmuls in TF32 (faster on Ampere and later); false: both in full fp32
+    (closer results, e.g. cached vs uncached features; BENCHMARKS.md, cache fidelity). Set for the
+    whole process, so every run applies its own (also ``auto``: a sweep's jobs do not inherit).
+    Through the API Lightning itself reads (``get_float32_matmul_precision``): torch refuses a mix
+    of that and the newer ``fp32_precision`` attributes.
+    """
+    conv, matmul = {"auto": (True, "highest"), True: (True, "high"), False: (False, "highest")}[value]
+    torch.backends.cudnn.allow_tf32 = conv
+    torch.set_float32_matmul_precision(matmul)
+
+
+def build_datamodule(
+    cfg: FinetuneConfig, splits: Splits, module: FinetuneModule
+) -> ImageDataModule | FeatureCacheDataModule:
+    """Image loaders, or cached frozen-prefix outputs (then ``module.input_stage`` skips the prefix)."""
+    prep = Preprocessing(**module.hparams.preprocessing)  # one source: what the checkpoint records
+    augment = resolve_augment(cfg.data, cfg.strategy.name)
+    train_tf = train_transform(prep, augment, cfg.data.hflip)
+    eval_tf = eval_transform(prep)
+    images = {"train": Transformed(splits.train, train_tf), "val": Transformed(splits.val, eval_tf),
+              "test": Transformed(splits.test, eval_tf)}
+    prefix_len = module.cacheable_prefix
+    cached, note = decide_cache(cfg, prefix_len, augment)
+    if note:
+        log.info(note)
+    if not cached:
+        return ImageDataModule(images["train"], images["val"], images["test"], batch_size=cfg.data.batch_size,
+                               num_workers=cfg.data.num_workers, balanced=cfg.data.balanced_sampler, seed=cfg.seed)
+    views = max(1, cfg.cache.views) if augment else 1
+    meta = {
+        "backbone": cfg.backbone.name,
+        "weights": weights_identity(cfg.backbone.name, cfg.backbone.weights, cfg.seed),
+        "frozen_stages": module.backbone.stage_names[:prefix_len],
+        "train_transform": describe(train_tf),
+        "eval_transform": describe(eval_tf),
+        "data": hashlib.sha256(splits.fingerprint.encode()).hexdigest(),
+        "split_sizes": [len(splits.train), len(splits.val), len(splits.test)],
+        "views": views,
+        "dtype": str(cfg.cache.dtype),
+    }
+    folder = Path(cfg.cache.dir).expanduser() / f"{cfg.backbone.name}-{cache_key(meta)}"
+    module.input_stage = prefix_len
+    return FeatureCacheDataModule(
+        images, frozen_prefix(module.backbone, prefix_len), folder, meta, batch_size=cfg.data.batch_size,
+        num_workers=resolve_num_workers(cfg.data.num_workers), dtype=meta["dtype"],
+        train_views=views, channels_last=use_channels_last(cfg), balanced=cfg.data.balanced_sampler,
+        extract_batch_size=cfg.cache.batch_size, seed=cfg.seed,
+    )
+
+
+def build_callbacks(cfg: FinetuneConfig, has_logger: bool = True) -> list[pl.Callback]:
+    from pytorch_lightning.callbacks import (
+        EarlyStopping,
+        LearningRateMonitor,
+        RichProgressBar,
+        TQDMProgressBar,
+    )
+
+    cb = cfg.callbacks
+    mode = cfg.best_mode()
+    callbacks: list[pl.Callback] = [
+        instantiate_node(cb.checkpoint, mode=mode),
+        instantiate_node(cb.last_checkpoint),
+        RNGState(),
+        InterruptCheckpoint(Path(cfg.paths.output_dir) / "checkpoints"),
+        ResumeInEpoch(),
+        FiniteLoss(),
+        StageUnfreezer(),
+    ]
+    if cfg.regularization.ema_decay:
+        from pytorch_lightning.callbacks import EMAWeightAveraging
+
+        callbacks.append(EMAWeightAveraging(decay=float(cfg.regularization.ema_decay)))
+    if cb.early_stopping.enabled:
+        callbacks.append(EarlyStopping(monitor=cfg.monitor, mode=mode, patience=cb.early_stopping.patience,
+                                       min_delta=cb.early_stopping.min_delta))
+    if cb.lr_monitor and has_logger:
+        callbacks.append(LearningRateMonitor(logging_interval="epoch"))
+    if cb.progress_bar == ProgressBar.rich:
+        callbacks.append(RichProgressBar())
+    elif cb.progress_bar == ProgressBar.tqdm:
+        callbacks.append(TQDMProgressBar())
+    return callbacks
+
+
+def instantiate_node(node: Any, **overrides: Any) -> Any:
+    """A ``_target_`` dataclass node as its object: only the arguments it sets away from the target's defaults."""
+    import inspect
+
+    kwargs = {k: v for k, v in plain(node).items() if k != "_target_"}
+    target = get_class(node._target_)
+    params = inspect.signature(target.__init__).parameters
+    kwargs = {k: v for k, v in kwargs.items()
+              if k not in params or type(v) is not type(params[k].default) or v != params[k].default}
+    return target(**{**kwargs, **overrides})
+
+
+def _sweep_group() -> str | None:
+    """In a Hydra multirun, the sweep folder's name: wandb groups the sweep's jobs under it."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hydra_cfg = HydraConfig.get()
+        if hydra_cfg.mode == RunMode.MULTIRUN:
+            return Path(hydra_cfg.sweep.dir).name
+    except ValueError:  # not running under @hydra.main (tests, notebooks)
+        pass
+    return None
+
+
+def build_loggers(cfg: FinetuneConfig) -> list[Any]:
+    """Loggers from the config; wandb goes offline without an API key (sync later with `wandb sync`)."""
+    loggers = []
+    if cfg.logger.csv is not None:
+        loggers.append(instantiate_node(cfg.logger.csv))
+    if cfg.logger.tensorboard is not None:
+        loggers.append(instantiate_node(cfg.logger.tensorboard))
+    if cfg.logger.wandb is not None:
+        node = cfg.logger.wandb
+        offline = node.offline if node.offline is not None else not os.environ.get("WANDB_API_KEY")
+        Path(node.save_dir).mkdir(parents=True, exist_ok=True)
+        loggers.append(instantiate_node(node, offline=bool(offline), group=node.group or _sweep_group()))
+    for logger in loggers:
+        logger.log_hyperparams(plain(cfg))
+    return loggers
+
+
+def build_trainer(cfg: FinetuneConfig, callbacks: list[pl.Callback], loggers: list[Any]) -> pl.Trainer:
+    extra: dict[str, Any] = {}
+    if cfg.callbacks.progress_bar == ProgressBar.none:
+        extra["enable_progress_bar"] = False
+    return instantiate_node(cfg.trainer, callbacks=callbacks, logger=loggers or False,
+                            default_root_dir=cfg.paths.output_dir, plugins=[AtomicCheckpointIO()], **extra)
+
+
+def check_data(cfg: FinetuneConfig) -> Any:
+    """Scan a folder dataset before training (nothing written yet); None for other sources or data.check=false.
+
+    Files unchanged since an earlier run's check (size, mtime) are not decoded again (memo in the cache dir).
+    """
+    data = cfg.data
+    if data.name != "folder" or not data.check:
+        return None
+    from finetune.data.checks import check_image_tree
+
+    root = Path(str(data.root)).expanduser()
+    if not root.is_dir():
+        raise SetupError(f"data.root='{data.root}' does not exist or is not a folder (data=folder needs it).")
+    root = root.absolute()
+    memo_name = f"{hashlib.sha256(str(root).encode()).hexdigest()[:16]}.json"
+    memo = Path(cfg.cache.dir).expanduser() / "data_checks" / memo_name
+    return check_image_tree(root, data.max_pixels, memo=memo)
