@@ -34,7 +34,7 @@ from finetune import config_dir
 from finetune.data.datamodule import EpochSampler, resolve_num_workers
 from finetune.model.backbones import family, preprocessing_for
 from finetune.model.module import warmup_cosine
-from finetune.run.train import apply_tf32
+from finetune.run.builders import apply_tf32
 
 TARGET_SPEEDUP = 5.0
 TARGET_ACC_POINTS = 0.5
@@ -231,10 +231,11 @@ def measured(run: Any, *args: Any) -> dict[str, Any]:
 def check_data_once(cfg: Any) -> None:
     """Run finetune's data check before any clock, as a user's first run would (its results are remembered
     by file size and mtime): otherwise whichever variant runs first pays for decoding every file once."""
-    from finetune.run.train import check_data
+    from finetune.config.typed import to_typed
+    from finetune.run.builders import check_data
 
     started = time.perf_counter()
-    check_data(cfg.data, Path(cfg.paths.output_dir), cfg.paths.cache_dir)
+    check_data(to_typed(cfg))
     print(f"data check of every file, once before the timed runs: {time.perf_counter() - started:.1f} s\n")
 
 
@@ -304,7 +305,8 @@ def main() -> None:
                      f"trainer.max_epochs={args.epochs}", "trainer.devices=1",
                      f"trainer.accelerator={'gpu' if device.type == 'cuda' else 'cpu'}", "logger=none",
                      f"seed={args.seed}", f"speed.tf32={args.tf32}"]
-        apply_tf32(args.tf32)  # the plain loop and the warm-up run under the same setting
+        # the plain loop and the warm-up run under the same setting
+        apply_tf32({"auto": "auto", "true": True, "false": False}[args.tf32])
         warm_up(args.backbone, weights_file, args.image_size, args.batch_size, device)
         check_data_once(compose(overrides, work, "data_check"))
         runs: dict[str, dict[str, Any]] = {}

@@ -115,10 +115,10 @@ def loader(data: TensorDataset, batch_size: int, device: torch.device) -> DataLo
 
 def run_lightning(module: FinetuneModule, cfg: Any, data: TensorDataset, marks: tuple[int, int],
                   device: torch.device, default_callbacks: bool, out_dir: Path) -> dict[str, float]:
-    from hydra.utils import instantiate
     from omegaconf import open_dict
 
-    from finetune.run.train import build_callbacks, build_loggers
+    from finetune.config.typed import to_typed
+    from finetune.run.builders import build_callbacks, build_loggers, instantiate_node
 
     gc.collect()  # the last run's garbage is collected here, not inside this run's timed steps
     clock = StepClock(marks, device)
@@ -128,17 +128,19 @@ def run_lightning(module: FinetuneModule, cfg: Any, data: TensorDataset, marks: 
     if default_callbacks:  # the trainer as finetune.run.train builds it (callbacks, loggers, checkpoint plugin)
         with open_dict(cfg):
             cfg.paths.output_dir = str(out_dir)
-        loggers = build_loggers(cfg)
+        typed = to_typed(cfg)
+        loggers = build_loggers(typed)
         try:
             from finetune.run.resume import AtomicCheckpointIO
 
             common["plugins"] = [AtomicCheckpointIO()]
         except ImportError:
             pass
-        trainer = instantiate(cfg.trainer, callbacks=[*build_callbacks(cfg, has_logger=bool(loggers)), clock],
-                              logger=loggers or False, **common)
+        trainer = instantiate_node(typed.trainer, callbacks=[*build_callbacks(typed, has_logger=bool(loggers)), clock],
+                                   logger=loggers or False, **common)
     else:
-        trainer = instantiate(cfg.trainer, callbacks=[clock], logger=False, enable_checkpointing=False, **common)
+        trainer = instantiate_node(to_typed(cfg).trainer, callbacks=[clock], logger=False, enable_checkpointing=False,
+                                   **common)
     trainer.fit(module, train_dataloaders=loader(data, int(cfg.data.batch_size), device))
     harness.sync(device)
     callbacks = [type(c).__name__ for c in trainer.callbacks if c is not clock]
@@ -201,7 +203,8 @@ def parse_args() -> tuple[argparse.Namespace, torch.device]:
 def main() -> None:
     args, device = parse_args()
     machine = harness.start(device)
-    from finetune.run.train import build_module, use_channels_last
+    from finetune.config.typed import to_typed
+    from finetune.run.builders import build_module, use_channels_last
 
     work = Path(tempfile.mkdtemp(prefix="framework_overhead-"))
     overrides = [f"backbone={args.backbone}", "backbone.weights=none", f"strategy={args.strategy}",
@@ -215,8 +218,8 @@ def main() -> None:
     images = harness.load_images(args.data)
     marks = (args.warmup, args.warmup + args.steps)
     data = image_tensors(images, args.image_size, args.backbone, (marks[1] + 1) * args.batch_size)
-    module = build_module(cfg, Splits(data, data, data, images.classes))
-    if use_channels_last(cfg):
+    module = build_module(to_typed(cfg), Splits(data, data, data, images.classes))
+    if use_channels_last(to_typed(cfg)):
         module = module.to(memory_format=torch.channels_last)
     plain_model = copy.deepcopy(module)
     print(f"data: {images.source}, resized to {args.image_size} px, in memory as tensors")

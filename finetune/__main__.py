@@ -32,7 +32,7 @@ def _run(cfg: DictConfig) -> float | None:
     try:
         return train(cfg)["objective"]
     except SetupError as err:
-        log.error("%s", err)  # into the run's finetune.log too
+        _log_to_file(f"error: {err}")  # the run's finetune.log says why it stopped; the console says it once
         sys.exit(report_error(err))
     except SIGTERMException:
         _say_how_to_resume("SIGTERM", out_dir)
@@ -44,6 +44,13 @@ def _run(cfg: DictConfig) -> float | None:
             _say_how_to_resume("Ctrl-C", out_dir)
             sys.exit(130)
         raise
+
+
+def _log_to_file(message: str) -> None:
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, message, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
 
 
 def _say_how_to_resume(cause: str, out_dir: str) -> None:

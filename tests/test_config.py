@@ -75,6 +75,10 @@ BAD = [
     ("strategy=gradual_unfreeze strategy.milestones=[3,2]", "strategy.milestones"),
     ("strategy=partial_unfreeze strategy.milestones=[2]", "strategy.milestones"),  # read by gradual_unfreeze only
     ("seed=-1", "seed"),
+    # paths that must exist
+    ("data=folder data.root=/no/such/folder", "data.root"),
+    ("backbone.weights=/no/such/file.pth", "backbone.weights"),
+    ("resume=/no/such/run.ckpt", "resume"),
     # a sweep: every job is checked, and an Optuna direction against the monitor
     ("-m seed=1,abc", "seed"),
     ("-m backbone=resnet18,vgg99", "vgg99"),
@@ -102,7 +106,10 @@ def test_bad_config_is_one_paragraph_exit_2_and_writes_nothing(command: str, key
     work.mkdir()
     argv = command.format(root=images).split()
     flags = [a for a in argv if a.startswith("-")]
-    code = run_main([*flags, "backbone.weights=none", *[a for a in argv if not a.startswith("-")]], work, monkeypatch)
+    words = [a for a in argv if not a.startswith("-")]
+    if not any(w.startswith("backbone.weights=") for w in words):
+        words.insert(0, "backbone.weights=none")
+    code = run_main([*flags, *words], work, monkeypatch)
     err = capsys.readouterr().err.strip()
     assert code == 2, err
     assert err.startswith("error: ") and key in err, err
@@ -175,5 +182,5 @@ def test_typed_config_is_plain_python_below_the_entry_point(compose_cfg) -> None
     cfg = to_typed(compose_cfg("scheduler.name=none"))
     assert cfg.scheduler.name == "none" and f"{cfg.scheduler.name}" == "none"
     assert type(cfg.trainer).__name__ == "TrainerConfig" and cfg.trainer.max_epochs == 10
-    with pytest.raises(SetupError, match=r"^strategy\.unfreeze_last=2 is not read by strategy=feature_extractor"):
-        to_typed(compose_cfg("strategy.unfreeze_last=2"))
+    with pytest.raises(SetupError, match=r"^strategy\.freeze_epochs=2 is not read by strategy=feature_extractor"):
+        to_typed(compose_cfg("+strategy.freeze_epochs=2"))

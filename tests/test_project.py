@@ -35,3 +35,12 @@ def test_every_config_group_file_is_packaged() -> None:
     patterns = setuptools["package-data"]["finetune.conf"]
     assert "**/*.yaml" in patterns
     assert {p.parent.name for p in (ROOT / "conf").rglob("*.yaml")} >= {"backbone", "strategy", "data", "trainer"}
+
+
+def test_every_subpackage_is_in_the_wheel() -> None:
+    """A subpackage missing from pyproject's list is missing from the Docker image's non-editable install."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "finetune").rglob("__init__.py")}
+    assert found <= listed, f"not packaged: {sorted(found - listed)}"

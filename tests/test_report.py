@@ -14,13 +14,14 @@ from pathlib import Path
 
 import pytest
 
+from finetune.cli.args import parse_args
 from finetune.cli.report import (
     CPU_MEMORY_COLUMN,
+    ReportSettings,
     count_flops,
     main,
     measure_backbone,
     meta_backbone,
-    parse_overrides,
     write_report,
 )
 from finetune.cli.report import FIXED_STRATEGIES as STRATEGY_NAMES
@@ -89,10 +90,15 @@ def test_write_report_writes_every_file_with_one_csv_row_per_backbone_and_strate
         assert paths[kind].read_bytes().startswith(b"\x89PNG")
 
 
+def parse_overrides(tokens: list[str]) -> ReportSettings:
+    return parse_args(ReportSettings, tokens, prog="python -m finetune.report")
+
+
 def test_parse_overrides_reads_comma_lists_and_keeps_defaults() -> None:
     settings = parse_overrides(["backbone=[vgg11,resnet18,vgg11]", "steps=3", "out=elsewhere"])
-    assert settings.backbone == ("vgg11", "resnet18")
-    assert settings.strategy == STRATEGY_NAMES
+    assert settings.backbone == ["vgg11", "resnet18"]
+    assert parse_overrides(["backbone=vgg11,resnet18", "+strategy=full_finetune"]).backbone == ["vgg11", "resnet18"]
+    assert settings.strategy == list(STRATEGY_NAMES)
     assert settings.steps == 3
     assert settings.weights == "none"
     assert str(settings.out) == "elsewhere"

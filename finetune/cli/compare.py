@@ -1,26 +1,28 @@
 """One table over a sweep: every run's summary.json side by side.
 
-``python -m finetune.compare DIR [out=DIR2]`` reads each ``summary.json`` under
-DIR (a Hydra multirun folder holds one per job), prints a table and writes
-``comparison.csv``, ``comparison.md`` and ``comparison.png`` into ``out``
-(default DIR). Only summary.json is read, never checkpoints or logs, so the
+``python -m finetune.compare DIR [out=DIR2]`` (``--help`` lists the options) reads
+each ``summary.json`` under DIR (a Hydra multirun folder holds one per job), prints a
+table and writes ``comparison.csv``, ``comparison.md`` and ``comparison.png`` into
+``out`` (default DIR). Only summary.json is read, never checkpoints or logs, so the
 comparison is as cheap as listing a directory and works on copied-off results.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import re
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
+from omegaconf import MISSING as REQUIRED
 from rich.console import Console
 from rich.table import Table
 
+from finetune.cli.args import run_command
 from finetune.errors import SetupError
 from finetune.run.run_dir import SUMMARY_NAME
 
@@ -276,34 +278,29 @@ def write_comparison(rows: Sequence[dict[str, Any]], out_dir: str | Path) -> dic
 # ----------------------------------------------------------------------------- CLI
 
 
-def parse_args(argv: Sequence[str]) -> tuple[Path, Path]:
-    """DIR plus an optional Hydra-style ``out=DIR2``, matching how the other entry points read."""
-    parser = argparse.ArgumentParser(
-        prog="python -m finetune.compare",
-        description="Compare the runs of a sweep from their summary.json files.",
-    )
-    parser.add_argument("root", type=Path, help="run or multirun directory to search recursively")
-    parser.add_argument("options", nargs="*", metavar="out=DIR", help="where to write (default: root)")
-    args = parser.parse_args(list(argv))
-    out = args.root
-    for option in args.options:
-        key, sep, value = option.partition("=")
-        if key != "out" or not sep or not value:
-            raise SetupError(f"Unknown argument '{option}'; the only option is out=DIR.")
-        out = Path(value)
-    return args.root, out
+@dataclass
+class CompareOptions:
+    """Which runs to compare and where the comparison files go."""
+
+    POSITIONAL: ClassVar[str] = "root"
+
+    root: Path = field(default=REQUIRED, metadata={"doc": "run or multirun directory, searched recursively for "
+                                                          f"{SUMMARY_NAME}", "metavar": "DIR"})
+    out: Path | None = field(default=None, metadata={"doc": "where comparison.csv/.md/.png go (null: DIR)"})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; a SetupError becomes a one-line message and exit code 2."""
+    """Entry point; a SetupError becomes a one-paragraph message and exit code 2."""
+    return run_command(CompareOptions, argv, compare, prog="python -m finetune.compare",
+                       summary="Compare the runs of a sweep from their summary.json files.")
+
+
+def compare(options: CompareOptions) -> int:
+    """Collect, write the files, then print the table and where the files went."""
+    root = options.root.expanduser()
+    rows = collect_summaries(root)
+    paths = write_comparison(rows, root if options.out is None else options.out.expanduser())
     console = Console()
-    try:
-        root, out = parse_args(sys.argv[1:] if argv is None else argv)
-        rows = collect_summaries(root)
-        paths = write_comparison(rows, out)
-    except SetupError as err:
-        Console(stderr=True).print(f"[bold red]error:[/bold red] {err}")
-        return err.exit_code
     console.print(render_table(rows))
     for path in paths.values():
         console.print(f"wrote {path}")

@@ -13,23 +13,24 @@ import json
 import sys
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from omegaconf import MISSING
 from rich.console import Console
 from rich.text import Text
 from torch import nn
 
-from finetune.errors import SetupError, report_error
+from finetune.cli.args import run_command
+from finetune.config.schema import Choice, at_least
+from finetune.errors import SetupError
 from finetune.model.checkpoints import class_names_of, load_module, preprocessing_of
 from finetune.model.module import FinetuneModule
 
-USAGE = "usage: python -m finetune.export ckpt=PATH format=onnx|torchscript [out=DIR] [opset=N]"
-KEYS = ("ckpt", "format", "out", "opset")
-FORMATS = {"onnx": "model.onnx", "torchscript": "model.ts"}
+PROG = "python -m finetune.export"
 OPSET = 18  # >= 17 (LayerNorm and friends); 18 is what torch's dynamo exporter writes natively
 EXAMPLE_BATCH = 2  # traced with this batch ...
 CHECK_BATCH = 3  # ... and checked with another, so a batch size baked into the graph shows up
@@ -41,14 +42,35 @@ ONNX_MISSING = (
 )
 
 
-@dataclass(frozen=True)
+class ExportFormat(Choice):
+    onnx = "onnx"
+    torchscript = "torchscript"
+
+
+FORMATS = {ExportFormat.onnx: "model.onnx", ExportFormat.torchscript: "model.ts"}
+
+
+@dataclass
 class ExportOptions:
     """Which checkpoint, which format, which folder."""
 
-    ckpt: Path
-    format: str
-    out: Path
-    opset: int = OPSET
+    ckpt: Path = field(default=MISSING, metadata={"doc": "the trained checkpoint (.ckpt)"})
+    format: ExportFormat = field(default=MISSING, metadata={"doc": "onnx (onnxruntime and other runtimes) or "
+                                                                   "torchscript (libtorch, TorchServe)"})
+    out: Path | None = field(default=None, metadata={"doc": "folder for the model and preprocessing.json "
+                                                            "(null: CKPT_STEM-FORMAT beside the checkpoint)"})
+    opset: int = field(default=OPSET, metadata={"doc": "ONNX opset version, >= 17"})
+
+    def validate(self) -> None:
+        at_least("opset", self.opset, 17, "LayerNorm and friends need 17; 18 is what torch writes natively.")
+
+    @property
+    def folder(self) -> Path:
+        """``out``, or a folder beside the checkpoint named after it and the format."""
+        if self.out is not None:
+            return self.out.expanduser()
+        ckpt = self.ckpt.expanduser()
+        return ckpt.parent / f"{ckpt.stem}-{self.format}"
 
 
 @dataclass(frozen=True)
@@ -67,11 +89,14 @@ class ExportResult:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Export and verify; SetupError -> exit 2, logits that differ from the checkpoint -> exit 1."""
+    return run_command(ExportOptions, argv, _export_and_verify, prog=PROG,
+                       summary="Export a trained checkpoint for serving (ONNX or TorchScript) and verify its logits.")
+
+
+def _export_and_verify(options: ExportOptions) -> int:
+    """Export, print where the files went and whether the export computes what the checkpoint does."""
     console = Console(soft_wrap=True)
-    try:
-        result = export(parse_options(sys.argv[1:] if argv is None else argv))
-    except SetupError as error:
-        return report_error(error)
+    result = export(options)
     console.print(Text(f"wrote {result.model} and {result.preprocessing}"))
     verdict = f"max abs diff to the checkpoint's logits {result.max_abs_diff:.3g} (tolerance {result.tolerance:.3g})"
     if not result.matches:
@@ -84,24 +109,25 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def export(options: ExportOptions) -> ExportResult:
-    """Write the model file and preprocessing.json into ``options.out``, then verify the model file."""
-    if options.format == "onnx":
+    """Write the model file and preprocessing.json into ``options.folder``, then verify the model file."""
+    if options.format == ExportFormat.onnx:
         require_onnx()
-    module = load_module(options.ckpt)
+    module = load_module(options.ckpt.expanduser())
     network = inference_network(module)
     crop = preprocessing_of(module).crop_size
-    options.out.mkdir(parents=True, exist_ok=True)
-    model_path = options.out / FORMATS[options.format]
+    folder = options.folder
+    folder.mkdir(parents=True, exist_ok=True)
+    model_path = folder / FORMATS[options.format]
     generator = torch.Generator().manual_seed(0)  # the same sample inputs on every run
     example = torch.randn(EXAMPLE_BATCH, 3, crop, crop, generator=generator)
-    if options.format == "onnx":
+    if options.format == ExportFormat.onnx:
         export_onnx(network, example, model_path, options.opset)
         run_exported = onnx_runner(model_path)
     else:
         export_torchscript(network, model_path)
         run_exported = torchscript_runner(model_path)
-    prep_path = options.out / "preprocessing.json"
-    write_json(prep_path, preprocessing_json(module, options.format, model_path.name, options.opset))
+    prep_path = folder / "preprocessing.json"
+    write_json(prep_path, preprocessing_json(module, str(options.format), model_path.name, options.opset))
     diff, tolerance = compare(module, run_exported, torch.randn(CHECK_BATCH, 3, crop, crop, generator=generator))
     return ExportResult(model_path, prep_path, diff, tolerance)
 
@@ -249,35 +275,6 @@ def preprocessing_json(module: FinetuneModule, fmt: str, model_file: str, opset:
 
 def write_json(path: Path, content: dict[str, Any]) -> None:
     path.write_text(json.dumps(content, indent=2) + "\n")
-
-
-def parse_options(tokens: Sequence[str]) -> ExportOptions:
-    """``key=value`` words; ``out`` defaults to a folder beside the checkpoint, named after it and the format."""
-    if any(token in ("-h", "--help") for token in tokens):
-        print(USAGE)
-        raise SystemExit(0)
-    values: dict[str, str] = {}
-    for token in tokens:
-        key, sep, value = token.lstrip("+").partition("=")
-        if not sep or key not in KEYS:
-            raise SetupError(f"Cannot use {token!r} here; the keys are {', '.join(KEYS)}. {USAGE}")
-        values[key] = value
-    if not values.get("ckpt"):
-        raise SetupError(f"Say which checkpoint to export with ckpt=PATH. {USAGE}")
-    fmt = values.get("format", "")
-    if fmt not in FORMATS:
-        raise SetupError(f"format={fmt or '(missing)'}: choose one of {', '.join(FORMATS)}. {USAGE}")
-    ckpt = Path(values["ckpt"]).expanduser()
-    out = Path(values["out"]).expanduser() if values.get("out") else ckpt.parent / f"{ckpt.stem}-{fmt}"
-    return ExportOptions(ckpt=ckpt, format=fmt, out=out, opset=parse_opset(values.get("opset")))
-
-
-def parse_opset(value: str | None) -> int:
-    if value in (None, ""):
-        return OPSET
-    if not value.isdigit() or int(value) < 17:
-        raise SetupError(f"opset={value} must be a whole number >= 17.")
-    return int(value)
 
 
 if __name__ == "__main__":

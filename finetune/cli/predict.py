@@ -11,65 +11,76 @@ from __future__ import annotations
 import csv
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import MISSING
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 from torch.utils.data import DataLoader, Dataset
 
+from finetune.cli.args import run_command
+from finetune.config.problems import ConfigProblem
+from finetune.config.schema import at_least
 from finetune.data.datamodule import resolve_num_workers
 from finetune.data.images import IMAGE_EXTENSIONS, BadImageError, is_image_file, open_rgb
 from finetune.data.transforms import eval_transform
-from finetune.errors import SetupError, report_error
+from finetune.errors import SetupError
 from finetune.model.checkpoints import class_names_of, load_module, preprocessing_of
 from finetune.model.module import FinetuneModule
 
-USAGE = (
-    "usage: python -m finetune.predict ckpt=PATH images=FILE_OR_FOLDER [topk=5] [out=predictions.csv] "
-    "[batch_size=32] [device=auto|cpu|cuda] [workers=auto|N]"
-)
-KEYS = ("ckpt", "images", "topk", "out", "batch_size", "device", "workers")
 SHOWN_ROWS = 10  # rows of the on-screen table; the CSV has them all
 SHOWN_BAD = 10  # unreadable files listed on stderr
+PROG = "python -m finetune.predict"
 
 
-@dataclass(frozen=True)
+@dataclass
 class PredictOptions:
     """What to classify, with which checkpoint, and where the CSV goes."""
 
-    ckpt: Path
-    images: Path
-    topk: int = 5
-    out: Path = Path("predictions.csv")
-    batch_size: int = 32
-    device: str = "auto"
-    workers: int = 0
+    ckpt: Path = field(default=MISSING, metadata={"doc": "the trained checkpoint (.ckpt)"})
+    images: Path = field(default=MISSING, metadata={"doc": "one image file, or a folder searched recursively",
+                                                    "metavar": "FILE_OR_FOLDER"})
+    topk: int = field(default=5, metadata={"doc": "classes per image, best first (capped at the checkpoint's)"})
+    out: Path = field(default=Path("predictions.csv"), metadata={"doc": "the CSV: one row per file, unreadable "
+                                                                        "ones included"})
+    batch_size: int = field(default=32, metadata={"doc": "images per forward pass"})
+    device: str = field(default="auto", metadata={"doc": "auto (the GPU when there is one), cpu, cuda or cuda:N",
+                                                  "metavar": "auto|cpu|cuda"})
+    workers: Any = field(default="auto", metadata={"doc": "image-decoding processes: auto (from the machine) or "
+                                                          "an integer >= 0", "metavar": "auto|N"})
+
+    def validate(self) -> None:
+        at_least("topk", self.topk, 1, "e.g. topk=5.")
+        at_least("batch_size", self.batch_size, 1, "e.g. batch_size=32.")
+        if self.workers != "auto" and not (isinstance(self.workers, int) and not isinstance(self.workers, bool)
+                                           and self.workers >= 0):
+            raise ConfigProblem("workers", self.workers, "must be auto or an integer >= 0", "e.g. workers=0.")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run a prediction; a ``SetupError`` becomes its message on stderr and exit code 2."""
-    try:
-        return run(parse_options(sys.argv[1:] if argv is None else argv))
-    except SetupError as error:
-        return report_error(error)
+    return run_command(PredictOptions, argv, run, prog=PROG,
+                       summary="Classify images with a trained checkpoint; writes one CSV row per file.")
 
 
 def run(options: PredictOptions) -> int:
     """Load, predict, write the CSV, show the first rows; SetupError when no image could be read."""
-    module = load_module(options.ckpt)
-    paths, ignored = list_images(options.images)
-    rows = predict(module, paths, options.topk, options.batch_size, options.device, options.workers)
+    module = load_module(options.ckpt.expanduser())
+    paths, ignored = list_images(options.images.expanduser())
+    rows = predict(module, paths, options.topk, options.batch_size, options.device,
+                   resolve_num_workers(options.workers))
     topk = min(options.topk, int(module.hparams["num_classes"]))
-    write_csv(rows, options.out, topk)
+    out = options.out.expanduser()
+    write_csv(rows, out, topk)
     console = Console(soft_wrap=True)
-    console.print(rows_table(rows, options.out))
-    report_problems(rows, ignored, options.out)
+    console.print(rows_table(rows, out))
+    report_problems(rows, ignored, out)
     if not any(row["error"] is None for row in rows):
-        raise SetupError(f"None of the {len(rows)} image file(s) could be read; the reasons are in {options.out}.")
+        raise SetupError(f"None of the {len(rows)} image file(s) could be read; the reasons are in {out}.")
     return 0
 
 
@@ -214,49 +225,6 @@ def report_problems(rows: list[dict[str, Any]], ignored: list[Path], out: Path) 
     if ignored:
         console.print(Text(f"ignored {len(ignored)} file(s) without an image extension, e.g. {ignored[0]}",
                            style="yellow"))
-
-
-def parse_options(tokens: Sequence[str]) -> PredictOptions:
-    """``key=value`` words; unknown keys and bad numbers are errors, not silently ignored."""
-    if any(token in ("-h", "--help") for token in tokens):
-        print(USAGE)
-        raise SystemExit(0)
-    values = parse_tokens(tokens)
-    for required in ("ckpt", "images"):
-        if not values.get(required):
-            raise SetupError(f"Say which {'checkpoint' if required == 'ckpt' else 'images'} with {required}=... "
-                             f"{USAGE}")
-    workers = values.get("workers", "auto")
-    return PredictOptions(
-        ckpt=Path(values["ckpt"]).expanduser(),
-        images=Path(values["images"]).expanduser(),
-        topk=positive_int("topk", values.get("topk", "5")),
-        out=Path(values.get("out") or "predictions.csv").expanduser(),
-        batch_size=positive_int("batch_size", values.get("batch_size", "32")),
-        device=values.get("device") or "auto",
-        workers=resolve_num_workers(None if workers == "auto" else positive_int("workers", workers, zero=True)),
-    )
-
-
-def parse_tokens(tokens: Sequence[str]) -> dict[str, str]:
-    values = {}
-    for token in tokens:
-        key, sep, value = token.lstrip("+").partition("=")
-        if not sep or key not in KEYS:
-            raise SetupError(f"Cannot use {token!r} here; the keys are {', '.join(KEYS)}. {USAGE}")
-        values[key] = value
-    return values
-
-
-def positive_int(key: str, value: str, zero: bool = False) -> int:
-    """``value`` as a whole number >= 1 (>= 0 with ``zero``)."""
-    try:
-        number = int(value)
-    except ValueError:
-        number = -1
-    if number < (0 if zero else 1):
-        raise SetupError(f"{key}={value} must be a whole number{' >= 0' if zero else ' above zero'}. {USAGE}")
-    return number
 
 
 if __name__ == "__main__":

@@ -37,6 +37,9 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from finetune import config_dir
+from finetune.cli.args import run_command
+from finetune.config.problems import ConfigProblem
+from finetune.config.schema import Choice, StrategyName, at_least
 from finetune.errors import SetupError
 from finetune.model.backbones import (
     BACKBONE_NAMES,
@@ -77,50 +80,60 @@ MEMORY_NOTES = {
 
 
 # ---------------------------------------------------------------------------------------------
-# Command line: key=value tokens, comma lists, like the Hydra overrides of the train entry point.
+# Command line: key=value words, comma lists, parsed by finetune.cli.args like the other commands.
 # ---------------------------------------------------------------------------------------------
 
 
 # What the report measures by default: the three fixed strategies of the study.
 FIXED_STRATEGIES = ("feature_extractor", "partial_unfreeze", "full_finetune")
+PROG = "python -m finetune.report"
 
 
-@dataclass(frozen=True)
+class ReportWeights(Choice):
+    none = "none"
+    imagenet = "imagenet"
+
+
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass
 class ReportSettings:
     """Everything one report run needs; the defaults are what ``python -m finetune.report`` uses."""
 
-    backbone: tuple[str, ...] = ("vgg16", "resnet50")
-    strategy: tuple[str, ...] = FIXED_STRATEGIES
-    batch_size: int = 16
-    image_size: int = 224
-    steps: int = 5
-    warmup: int = 2
-    weights: str = "none"
-    device: str = field(default_factory=lambda: "cuda" if torch.cuda.is_available() else "cpu")
-    out: Path = Path("report")
+    backbone: list[str] = field(default_factory=lambda: ["vgg16", "resnet50"], metadata={
+        "doc": f"backbones to measure, comma-separated: {', '.join(BACKBONE_NAMES)}", "metavar": "NAME[,...]"})
+    strategy: list[StrategyName] = field(default_factory=lambda: [StrategyName(s) for s in FIXED_STRATEGIES],
+                                         metadata={"doc": "strategies to measure, comma-separated: "
+                                                   + ", ".join(STRATEGY_NAMES), "metavar": "NAME[,...]"})
+    batch_size: int = field(default=16, metadata={"doc": "images per step"})
+    image_size: int = field(default=224, metadata={"doc": f"square input size in pixels, >= {MIN_IMAGE_SIZE}"})
+    steps: int = field(default=5, metadata={"doc": "timed steps per measurement"})
+    warmup: int = field(default=2, metadata={"doc": "untimed steps before them (allocator, cuDNN autotune)"})
+    weights: ReportWeights = field(default=ReportWeights.none, metadata={
+        "doc": "none: random init, no download (weights change neither FLOPs, speed nor memory)"})
+    device: str = field(default_factory=_default_device, metadata={
+        "doc": "cpu, cuda or cuda:N (by default cuda when PyTorch sees a GPU)", "metavar": "cpu|cuda|cuda:N"})
+    out: Path = field(default=Path("report"), metadata={"doc": "folder for report.csv, report.md and the plots"})
 
+    def __post_init__(self) -> None:
+        """``a,b,a`` measures a and b once each, in the order given."""
+        self.backbone = list(dict.fromkeys(self.backbone))
+        self.strategy = list(dict.fromkeys(self.strategy))
 
-USAGE = (
-    "usage: python -m finetune.report [backbone=vgg16,resnet50] "
-    "[strategy=feature_extractor,partial_unfreeze,full_finetune] [batch_size=16] [image_size=224] "
-    "[steps=5] [warmup=2] [weights=none|imagenet] [device=cpu|cuda|cuda:N] [out=report]"
-)
-
-
-def _split_list(value: str) -> tuple[str, ...]:
-    """'a,b' and Hydra's '[a,b]' both mean two items; duplicates are dropped, order kept."""
-    items = [v.strip() for v in value.strip().strip("[]").split(",") if v.strip()]
-    return tuple(dict.fromkeys(items))
-
-
-def _positive_int(key: str, value: str, minimum: int = 1) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        number = minimum - 1
-    if number < minimum:
-        raise SetupError(f"{key}={value} must be a whole number of at least {minimum}.")
-    return number
+    def validate(self) -> None:
+        if not self.backbone:
+            raise ConfigProblem("backbone", "", "is empty", f"choose from {', '.join(BACKBONE_NAMES)}.")
+        for name in self.backbone:
+            check_name(name)
+        if not self.strategy:
+            raise ConfigProblem("strategy", "", "is empty", f"choose from {', '.join(STRATEGY_NAMES)}.")
+        at_least("batch_size", self.batch_size, 1, "e.g. batch_size=8.")
+        at_least("image_size", self.image_size, MIN_IMAGE_SIZE, "five stride-2 steps: smaller inputs vanish.")
+        at_least("steps", self.steps, 1, "e.g. steps=5.")
+        at_least("warmup", self.warmup, 0, "0: time from the first step.")
+        _check_device(self.device)
 
 
 def _check_device(value: str) -> str:
@@ -136,15 +149,6 @@ def _check_device(value: str) -> str:
     return value
 
 
-def _check_weights(value: str) -> str:
-    if value.lower() not in ("none", "imagenet"):
-        raise SetupError(
-            f"weights={value} is not allowed here; use weights=none (the default: weights do not change "
-            f"FLOPs, speed or memory) or weights=imagenet."
-        )
-    return value.lower()
-
-
 def _check_strategies(names: tuple[str, ...]) -> tuple[str, ...]:
     unknown = [n for n in names if n not in STRATEGY_NAMES]
     if unknown or not names:
@@ -153,42 +157,6 @@ def _check_strategies(names: tuple[str, ...]) -> tuple[str, ...]:
             f"(comma-separated, e.g. strategy=feature_extractor,full_finetune)."
         )
     return names
-
-
-def _check_backbones(names: tuple[str, ...]) -> tuple[str, ...]:
-    if not names:
-        raise SetupError(f"backbone= is empty. Choose from: {', '.join(BACKBONE_NAMES)}.")
-    for name in names:
-        check_name(name)
-    return names
-
-
-PARSERS: dict[str, Callable[[str], Any]] = {
-    "backbone": lambda v: _check_backbones(_split_list(v)),
-    "strategy": lambda v: _check_strategies(_split_list(v)),
-    "batch_size": lambda v: _positive_int("batch_size", v),
-    "image_size": lambda v: _positive_int("image_size", v, MIN_IMAGE_SIZE),
-    "steps": lambda v: _positive_int("steps", v),
-    "warmup": lambda v: _positive_int("warmup", v, 0),
-    "weights": _check_weights,
-    "device": _check_device,
-    "out": lambda v: Path(v).expanduser(),
-}
-
-
-def parse_overrides(tokens: Sequence[str]) -> ReportSettings:
-    """``key=value`` tokens to settings; anything unknown is a SetupError naming what is valid."""
-    values: dict[str, Any] = {}
-    for token in tokens:
-        key, sep, value = token.partition("=")
-        key = key.strip().lstrip("+")
-        if not sep or key not in PARSERS:
-            raise SetupError(
-                f"Unknown option '{token}'. Options are key=value with key one of: "
-                f"{', '.join(PARSERS)} (e.g. backbone=vgg16,resnet50 batch_size=8)."
-            )
-        values[key] = PARSERS[key](value)
-    return ReportSettings(**values)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -628,17 +596,17 @@ def run(settings: ReportSettings, console: Console) -> dict[str, Path]:
             progress.update(task, description=f"measuring {name}")
             rows += measure_backbone(
                 name,
-                settings.strategy,
+                [str(strategy) for strategy in settings.strategy],
                 settings.batch_size,
                 settings.image_size,
                 settings.steps,
                 settings.device,
-                weights=settings.weights,
+                weights=str(settings.weights),
                 warmup=settings.warmup,
                 on_progress=lambda text: progress.update(task, advance=1, description=text),
             )
     console.print(rich_table(rows))
-    paths = write_report(rows, settings.out)
+    paths = write_report(rows, settings.out.expanduser())
     for kind, path in paths.items():
         console.print(f"{kind}: {path}")
     return paths
@@ -646,15 +614,12 @@ def run(settings: ReportSettings, console: Console) -> dict[str, Path]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Exit 0 with the report written, or 2 with one paragraph saying what to fix."""
-    tokens = list(sys.argv[1:] if argv is None else argv)
-    if any(token in ("-h", "--help", "help") for token in tokens):
-        print(USAGE)
-        return 0
-    try:
-        run(parse_overrides(tokens), Console())
-    except SetupError as err:
-        print(f"finetune.cli.report: {err}", file=sys.stderr)
-        return SetupError.exit_code
+    return run_command(ReportSettings, argv, _report, prog=PROG,
+                       summary="Measure params, FLOPs, size, memory and speed of each backbone under each strategy.")
+
+
+def _report(settings: ReportSettings) -> int:
+    run(settings, Console())
     return 0
 
 

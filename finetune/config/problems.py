@@ -55,9 +55,11 @@ def explain(error: BaseException) -> SetupError:
             found = re.search(r"expected one of \[(.*)\]", first)
             if found:
                 return SetupError(f"{key}={shown(value)} is not one of the allowed choices: {found.group(1)}.")
-            if "ListConfig" in first or "list or tuple" in first:
-                return SetupError(f"{key}={shown(value)} has the wrong type: it must be a list, e.g. {key}=[2,4,6].")
             kind = re.search(r"converted to (\w+)", first)
+            if not kind and ("ListConfig" in first or "list or tuple" in first):
+                return SetupError(f"{key}={shown(value)} has the wrong type: it must be a list, e.g. {key}=[2,4,6].")
+            if "Incompatible value 'None'" in first:
+                return SetupError(f"{key}=null is not allowed: {key} needs a value.")
             wanted = {"Integer": "an integer", "Float": "a number", "Boolean": "true or false",
                       "String": "a string"}.get(kind.group(1), kind.group(1)) if kind else "another type"
             return SetupError(f"{key}={shown(value)} has the wrong type: it must be {wanted}.")

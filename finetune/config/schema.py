@@ -175,9 +175,8 @@ class StrategyConfig:
         in_range("strategy.backbone_lr_ratio", self.backbone_lr_ratio, 0, math.inf, "e.g. 0.1 (0 freezes in effect).")
         if name == StrategyName.partial_unfreeze:
             at_least("strategy.unfreeze_last", self.unfreeze_last, 1, "the number of last stages that train, e.g. 2.")
-        elif name in (StrategyName.feature_extractor, StrategyName.linear_probe) and self.unfreeze_last:
-            raise ConfigProblem("strategy.unfreeze_last", self.unfreeze_last, f"is not read by strategy={name}",
-                                "use strategy=partial_unfreeze to train the last stages.")
+        # unfreeze_last is left alone for other strategies: a -m grid over strategies shares it (and an Optuna
+        # search samples it) while only partial_unfreeze reads it. The keys below belong to one strategy each.
         if name == StrategyName.gradual_unfreeze:
             if not self.milestones:
                 raise ConfigProblem("strategy.milestones", self.milestones, "must list epochs", "e.g. [2,4,6].")

@@ -11,6 +11,8 @@ from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
 
+from finetune.config.schema import OptimizerConfig, OptimizerName
+from finetune.config.typed import plain
 from finetune.errors import SetupError
 from finetune.model.backbones import build_backbone, weights_source
 from finetune.model.frozen_weights import (
@@ -163,7 +165,7 @@ class FinetuneModule(pl.LightningModule):
         head = dict(head or {})
         self.head = build_head(self.backbone.feature_dim, num_classes, head.get("type", "linear"),
                                int(head.get("hidden_dim", 512)), float(head.get("dropout", 0.0)))
-        self.optimizer_cfg = dict(optimizer or {"name": "adamw", "lr": 1e-3, "weight_decay": 1e-4})
+        self.optimizer_cfg = dict(optimizer or plain(OptimizerConfig(name=OptimizerName.adamw)))
         self.scheduler_cfg = dict(scheduler or {"name": "cosine", "warmup_epochs": 0, "min_lr_ratio": 0.01})
         weight = torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
         self.criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=label_smoothing)
@@ -385,16 +387,17 @@ class FinetuneModule(pl.LightningModule):
 
     def configure_optimizers(self) -> Any:
         cfg = self.optimizer_cfg
-        layer_decay = cfg.get("layer_decay")
-        groups = param_groups(self.backbone, self.head, float(cfg["lr"]), float(cfg.get("weight_decay", 0.0)),
-                              float(self.hparams.backbone_lr_ratio), bool(cfg.get("no_decay_norm_bias", True)),
+        # ``optimizer`` is finetune.config.schema.OptimizerConfig as a plain dict: every key is there
+        layer_decay = cfg["layer_decay"]
+        groups = param_groups(self.backbone, self.head, float(cfg["lr"]), float(cfg["weight_decay"]),
+                              float(self.hparams.backbone_lr_ratio), bool(cfg["no_decay_norm_bias"]),
                               float(layer_decay) if layer_decay is not None else None, stages=self.ever_trainable)
-        fused = use_fused(cfg.get("fused", "auto"), groups)
+        fused = use_fused(cfg["fused"], groups)
         if cfg["name"] == "adamw":
             optimizer = torch.optim.AdamW(groups, fused=fused)
         elif cfg["name"] == "sgd":
-            optimizer = torch.optim.SGD(groups, momentum=float(cfg.get("momentum", 0.9)),
-                                        nesterov=bool(cfg.get("nesterov", True)), fused=fused)
+            optimizer = torch.optim.SGD(groups, momentum=float(cfg["momentum"] or 0.0),
+                                        nesterov=bool(cfg["nesterov"]), fused=fused)
         else:
             raise SetupError(f"Unknown optimizer '{cfg['name']}'. Choose adamw or sgd.")
         sched = self.scheduler_cfg

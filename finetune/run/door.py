@@ -85,6 +85,7 @@ def check_job(composed: Any, multirun: bool) -> FinetuneConfig:
     check_direction(cfg, direction if isinstance(direction, str) else None)
     check_device(cfg)
     check_model(cfg)
+    check_paths(cfg)
     if run_dir is not None and Path(run_dir).is_dir():
         from finetune.run.run_dir import claim_run_dir
 
@@ -133,6 +134,23 @@ def check_device(cfg: FinetuneConfig) -> None:
         if accelerator not in AcceleratorRegistry.available_accelerators():
             raise ConfigProblem("trainer.accelerator", cfg.trainer.accelerator, "is not an accelerator Lightning "
                                 "knows", "use auto, cpu, gpu (cuda) or mps.")
+
+
+def check_paths(cfg: FinetuneConfig) -> None:
+    """Files and folders the config names that must already exist."""
+    from finetune.model.backbones import weights_source
+
+    if cfg.data.name == "folder" and not Path(str(cfg.data.root)).expanduser().is_dir():
+        raise ConfigProblem("data.root", cfg.data.root, "is not a folder", "data=folder reads your images from "
+                            "data.root=/path/to/images (class folders inside, or train/ val/ test/ of them).")
+    weights = cfg.backbone.weights
+    if weights_source(weights) == "file" and not Path(weights).expanduser().is_file():
+        raise ConfigProblem("backbone.weights", weights, "is neither imagenet, none nor an existing file",
+                            "give the path of a state_dict (.pth) or finetune checkpoint (.ckpt).")
+    resume = cfg.resume
+    if resume not in (None, "auto") and not Path(resume).expanduser().is_file():
+        raise ConfigProblem("resume", resume, "is neither auto nor an existing checkpoint file",
+                            "resume=auto continues the run folder's newest checkpoint.")
 
 
 def check_model(cfg: FinetuneConfig) -> None:

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
-from lightning_fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 from finetune.config.identity import describe, differences, only_extends
@@ -39,27 +40,37 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 class RNGState(pl.Callback):
-    """Stores torch/numpy/python RNG states in checkpoints and restores them on resume.
+    """Stores torch/CUDA/numpy/python RNG states in checkpoints and restores them on resume.
 
     Lightning restores weights, optimizer, scheduler and loop counters, but not the global RNGs
     that shuffle batches and drive dropout; without them a resumed run diverges from an
-    uninterrupted one.
+    uninterrupted one. Read through each library's public API (Lightning's own helpers are private),
+    as plain types and tensors only, so the checkpoint still loads with weights_only=True.
     """
 
     def state_dict(self) -> dict[str, Any]:
-        states = _collect_rng_states(include_cuda=torch.cuda.is_available())
-        kind, keys, pos, has_gauss, cached = states["numpy"]
-        # Plain types and tensors only, so the checkpoint still loads with weights_only=True.
-        states["numpy"] = [kind, torch.from_numpy(keys.copy()), int(pos), int(has_gauss), float(cached)]
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        version, internal, gauss = random.getstate()
+        states: dict[str, Any] = {
+            "torch": torch.get_rng_state(),
+            "numpy": [kind, torch.from_numpy(keys.copy()), int(pos), int(has_gauss), float(cached)],
+            "python": [version, list(internal), gauss],
+        }
+        if torch.cuda.is_available():
+            states["torch.cuda"] = torch.cuda.get_rng_state_all()
         return {"rng": states}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if "rng" not in state_dict:
             return
-        states = dict(state_dict["rng"])
+        states = state_dict["rng"]
+        torch.set_rng_state(states["torch"])
         kind, keys, pos, has_gauss, cached = states["numpy"]
-        states["numpy"] = (kind, keys.numpy(), pos, has_gauss, cached)
-        _set_rng_states(states)
+        np.random.set_state((kind, keys.numpy(), pos, has_gauss, cached))
+        version, internal, gauss = states["python"]
+        random.setstate((version, tuple(internal), gauss))
+        if "torch.cuda" in states and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(states["torch.cuda"])
 
 
 class InterruptCheckpoint(pl.Callback):
