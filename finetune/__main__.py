@@ -25,12 +25,16 @@ log = logging.getLogger("finetune")
 def _run(cfg: DictConfig) -> float | None:
     from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+    from finetune.run.console import show_result
     from finetune.run.train import train
 
     started = time.time()
     out_dir = str(cfg.paths.output_dir)
     try:
-        return train(cfg)["objective"]
+        summary = train(cfg)
+        if _is_rank_zero():
+            show_result(summary, fancy=None if cfg.callbacks.progress_bar != "none" else False)
+        return summary["objective"]
     except SetupError as err:
         _log_to_file(f"error: {err}")  # the run's finetune.log says why it stopped; the console says it once
         sys.exit(report_error(err))
@@ -44,6 +48,12 @@ def _run(cfg: DictConfig) -> float | None:
             _say_how_to_resume("Ctrl-C", out_dir)
             sys.exit(130)
         raise
+
+
+def _is_rank_zero() -> bool:
+    import os
+
+    return os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("RANK", "0") == "0"
 
 
 def _log_to_file(message: str) -> None:

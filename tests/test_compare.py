@@ -3,14 +3,25 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from rich.console import Console
 
-from finetune.cli.compare import FIELDS, collect_summaries, main, write_comparison
+from finetune.cli.compare import (
+    _DISPLAY,
+    FIELDS,
+    collect_summaries,
+    main,
+    override_words,
+    print_comparison,
+    shared_overrides,
+    write_comparison,
+)
 from finetune.errors import SetupError
 
 FULL = {
@@ -119,3 +130,95 @@ def test_cli_empty_dir_exits_2_without_traceback(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "summary.json" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# ----------------------------------------------------------------------------- console table
+
+SHARED = "backbone.weights=none,data.image_size=32,trainer.max_epochs=1"
+
+
+@pytest.fixture
+def hydra_sweep(tmp_path: Path) -> Path:
+    """Four jobs named the way conf/hydra/default.yaml names them: key=value,... in key order."""
+    root = tmp_path / "multirun"
+    jobs = [("resnet18", "feature_extractor", 0.9333), ("resnet18", "full_finetune", 0.9561),
+            ("vgg16", "feature_extractor", 0.8812), ("vgg16", "partial_unfreeze", 0.9102)]
+    for backbone, strategy, acc in jobs:
+        summary = {**FULL, "backbone": backbone, "strategy": strategy, "weights": "none",
+                   "test": {**FULL["test"], "acc": acc}}
+        name = f"backbone.weights=none,backbone={backbone},data.image_size=32,strategy={strategy},trainer.max_epochs=1"
+        _write(root, name, summary)
+    return root
+
+
+def _render(rows: list[dict], width: int) -> str:
+    console = Console(width=width, record=True, file=io.StringIO())
+    print_comparison(rows, console)
+    return console.export_text()
+
+
+def test_override_words_split_hydra_folder_names() -> None:
+    assert override_words("a=1,b=[2,3],+c.d=x") == ["a=1", "b=[2,3]", "+c.d=x"]
+    assert override_words("a=x,y,b=2") == ["a=x,y", "b=2"]  # an unbracketed comma stays in its value
+    assert override_words("3_partial") == ["3_partial"]
+    assert override_words(".") == []
+
+
+@pytest.mark.parametrize("width", [80, 120])
+def test_console_table_fits_the_width_and_shows_numbers_in_full(hydra_sweep: Path, width: int) -> None:
+    rows = collect_summaries(hydra_sweep)
+    text = _render(rows, width)
+    lines = text.splitlines()
+    assert all(len(line) <= width for line in lines), "\n".join(line for line in lines if len(line) > width)
+    assert "…" not in text
+    for number in ("93.33", "95.61", "88.12", "91.02", "91.50", "93.00"):  # top-1, mean per-class, best val in %
+        assert number in text
+    for name in ("resnet18", "vgg16", "feature_extractor", "full_finetune", "partial_unfreeze[2]"):
+        assert name in text
+
+
+def test_console_factors_shared_overrides_into_one_header_line(hydra_sweep: Path) -> None:
+    rows = collect_summaries(hydra_sweep)
+    assert shared_overrides(rows) == SHARED.split(",")
+    text = _render(rows, 80)
+    header = "all jobs: " + SHARED.replace(",", " ")
+    assert text.splitlines()[0] == header
+    for word in SHARED.split(","):
+        assert text.count(word) == 1, word  # in the header line, in no row
+    # backbone and strategy have their own columns, so the run column would repeat them: it is left out
+    assert "backbone=resnet18" not in text and "strategy=" not in text
+
+
+def test_console_run_column_shows_only_what_differs(tmp_path: Path) -> None:
+    for lr in ("0.1", "0.001"):
+        _write(tmp_path, f"backbone=resnet18,optimizer.lr={lr},trainer.max_epochs=30", FULL)
+    text = _render(collect_summaries(tmp_path), 80)
+    assert "all jobs: backbone=resnet18 trainer.max_epochs=30" in text
+    body = [line for line in text.splitlines() if "optimizer.lr=" in line]
+    assert len(body) == 2 and all("│" in line and "max_epochs" not in line for line in body)
+    assert any("optimizer.lr=0.001" in line and "92.00" in line for line in body)
+
+
+def test_console_drops_columns_at_80_not_squeezes_them(hydra_sweep: Path) -> None:
+    rows = collect_summaries(hydra_sweep)
+    narrow, wide = _render(rows, 80), _render(rows, 120)
+    header = next(line for line in narrow.splitlines() if "top-1 %" in line)
+    assert "mean cls %" in header and "best val %" in header  # whole headers, not letter columns
+    assert "not shown at 80 columns" in narrow
+    assert len(next(line for line in wide.splitlines() if "top-1 %" in line)) > len(header)
+
+
+def test_cli_console_output_fits_80_columns_and_files_keep_every_column(
+    hydra_sweep: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("COLUMNS", "80")
+    assert main([str(hydra_sweep), f"out={tmp_path / 'cmp'}"]) == 0
+    out = capsys.readouterr().out
+    assert all(len(line) <= 80 for line in out.splitlines())
+    assert "93.33" in out and out.count("backbone.weights=none") == 1
+    markdown = (tmp_path / "cmp" / "comparison.md").read_text()
+    assert markdown.splitlines()[0] == "| " + " | ".join(_DISPLAY) + " |"
+    assert sum("backbone.weights=none" in line for line in markdown.splitlines()) == 4  # full run names
+    assert "0.9333" in markdown
+    with (tmp_path / "cmp" / "comparison.csv").open(newline="") as handle:
+        assert tuple(csv.DictReader(handle).fieldnames or ()) == FIELDS

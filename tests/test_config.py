@@ -184,3 +184,19 @@ def test_typed_config_is_plain_python_below_the_entry_point(compose_cfg) -> None
     assert type(cfg.trainer).__name__ == "TrainerConfig" and cfg.trainer.max_epochs == 10
     with pytest.raises(SetupError, match=r"^strategy\.freeze_epochs=2 is not read by strategy=feature_extractor"):
         to_typed(compose_cfg("+strategy.freeze_epochs=2"))
+
+
+def test_the_end_of_a_run_says_the_result_and_the_next_commands(capsys) -> None:
+    from finetune.run.console import show_result
+
+    summary = {"backbone": "resnet18", "strategy": "feature_extractor", "dataset": "digits", "num_classes": 10,
+               "test": {"acc": 0.9333, "top5": 0.99, "mean_class_acc": 0.93, "f1_macro": 0.92},
+               "monitor": "val/acc", "best_val_metric": 0.95, "epochs_run": 3,
+               "wall_seconds": {"feature_extraction": 1.0, "training": 2.0, "test": 0.5, "total": 4.0},
+               "peak_memory": {"cpu_rss_bytes": 2**30}, "run_dir": "/runs/a", "best_checkpoint": "/runs/a/b.ckpt"}
+    show_result(summary, fancy=False)
+    out = capsys.readouterr().out
+    assert "top-1 93.33%" in out and "/runs/a/b.ckpt" in out and "1,024 MB RSS" in out
+    assert "python -m finetune.predict ckpt=/runs/a/b.ckpt" in out and "python -m finetune.compare /runs" in out
+    show_result(summary, fancy=True)
+    assert "run finished" in capsys.readouterr().out

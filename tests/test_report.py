@@ -8,20 +8,25 @@ torchvision (FLOPs at 224 px).
 from __future__ import annotations
 
 import csv
+import io
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from rich.console import Console
 
 from finetune.cli.args import parse_args
 from finetune.cli.report import (
     CPU_MEMORY_COLUMN,
+    CUDA_MEMORY_COLUMN,
     ReportSettings,
     count_flops,
+    display_columns,
     main,
     measure_backbone,
     meta_backbone,
+    print_table,
     write_report,
 )
 from finetune.cli.report import FIXED_STRATEGIES as STRATEGY_NAMES
@@ -118,10 +123,78 @@ def test_bad_overrides_say_what_is_valid(token: str, named: str) -> None:
         parse_overrides([token])
 
 
-def test_cli_runs_end_to_end_in_process(tmp_path: Path) -> None:
+def test_cli_runs_end_to_end_in_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("COLUMNS", "80")
     args = ["backbone=resnet18", "strategy=feature_extractor", "image_size=32", "batch_size=2", "steps=1"]
     assert main([*args, "warmup=0", f"out={tmp_path}"]) == 0
     assert (tmp_path / "report.csv").is_file()
+    out = capsys.readouterr().out
+    assert all(len(line) <= 80 for line in out.splitlines())
+    assert "resnet18" in out and "feature_extractor" in out and "…" not in out
+
+
+# Two backbones x three strategies as a GPU would measure them: no measuring, exact numbers to look for.
+FAKE = [
+    {"backbone": backbone, "weights": "none", "device": "cuda:0 (NVIDIA H200)", "batch_size": 16, "image_size": 224,
+     "total_params": total, "gflops": 2 * gmacs, "gmacs": gmacs, "imagenet_gmacs": gmacs, "weights_mb": mb,
+     "forward_img_s": fwd, "imagenet_top1": top1, "imagenet_top5": top5, "strategy": strategy,
+     "trainable_stages": "-", "trainable_params": total if trainable is None else trainable, "head_params": 5130,
+     "train_img_s": speed, CUDA_MEMORY_COLUMN: memory}
+    for backbone, total, gmacs, mb, fwd, top1, top5 in [
+        ("vgg16", 134260544, 15.4700, 512.3, 812.34, 71.592, 90.382),
+        ("resnet50", 23508032, 4.0890, 90.1, 2345.67, 76.13, 92.862),
+    ]
+    for strategy, trainable, speed, memory in [
+        ("feature_extractor", 0, 2100.51, 812.4),
+        ("partial_unfreeze", 15000000, 900.25, 3456.0),
+        ("full_finetune", None, 312.5, 12345.0),
+    ]
+]
+
+
+def _render(rows: list[dict], width: int) -> str:
+    console = Console(width=width, record=True, file=io.StringIO())
+    print_table(rows, console)
+    return console.export_text()
+
+
+@pytest.mark.parametrize("width", [80, 120])
+def test_console_table_fits_the_width_with_numbers_in_full(width: int) -> None:
+    text = _render(FAKE, width)
+    lines = text.splitlines()
+    assert all(len(line) <= width for line in lines), "\n".join(line for line in lines if len(line) > width)
+    assert "…" not in text
+    header = next(line for line in lines if "backbone" in line and "strategy" in line)
+    for name in ("trainable M", "train img/s", "CUDA MB"):  # the key columns, whole headers
+        assert name in header
+    for number in ("0.005", "15.005", "134.266", "23.513", "2,100.5", "900.2", "12,345", "3,456"):
+        assert number in text
+    for name in ("vgg16", "resnet50", "feature_extractor", "partial_unfreeze", "full_finetune"):
+        assert text.count(name) >= 2
+
+
+def test_console_table_keeps_more_columns_when_wide_and_says_what_it_left_out() -> None:
+    narrow, wide = _render(FAKE, 80), _render(FAKE, 120)
+    assert "not shown at 80 columns" in narrow and "report.md" in narrow
+    wide_header = next(line for line in wide.splitlines() if "backbone" in line and "strategy" in line)
+    for name in ("params M", "GMACs", "fwd img/s"):
+        assert name in wide_header
+    for number in ("134.26", "23.51", "15.470", "4.089", "812.3", "2,345.7"):
+        assert number in wide
+
+
+def test_report_files_keep_every_column(tmp_path: Path) -> None:
+    paths = write_report(FAKE, tmp_path)
+    markdown = paths["markdown"].read_text().splitlines()
+    assert markdown[0] == "| " + " | ".join(header for header, _ in display_columns(FAKE)) + " |"
+    assert "peak CUDA memory allocated (MB)" in markdown[0] and "ImageNet top-5" in markdown[0]
+    assert sum(line.startswith("| vgg16 |") for line in markdown) == 3
+    with open(paths["csv"], newline="") as handle:
+        reader = csv.DictReader(handle)
+        assert list(reader.fieldnames or ()) == list(FAKE[0])
+        assert len(list(reader)) == len(FAKE)
 
 
 def test_cli_unknown_backbone_exits_2_naming_the_choices(tmp_path: Path) -> None:

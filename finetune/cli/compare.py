@@ -10,17 +10,19 @@ comparison is as cheap as listing a directory and works on copied-off results.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import re
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
 from omegaconf import MISSING as REQUIRED
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from finetune.cli.args import run_command
 from finetune.errors import SetupError
@@ -172,14 +174,237 @@ def display_cells(row: dict[str, Any]) -> list[str]:
     return cells
 
 
-def render_table(rows: Sequence[dict[str, Any]]) -> Table:
-    """A rich table of the display cells, numbers right-aligned."""
-    table = Table(title=f"{len(rows)} run(s)", show_lines=False)
-    for i, header in enumerate(_DISPLAY):
-        table.add_column(header, justify="left" if i < 5 else "right", overflow="fold")
+# ----------------------------------------------------------------------------- console
+
+
+@dataclass(frozen=True)
+class ConsoleColumn:
+    """One column of a console table: header, cell text per row, and how much it matters.
+
+    Priority 0 is always shown; higher numbers are dropped first when the terminal is too narrow.
+    Text columns wrap (up to ``max_width``); numbers never wrap, so they are never cut.
+    """
+
+    header: str
+    cell: Callable[[dict[str, Any]], str]
+    priority: int = 0
+    numeric: bool = True
+    max_width: int | None = None
+
+
+def _make_table(columns: Sequence[ConsoleColumn], rows: Sequence[dict[str, Any]], title: str | None) -> Table:
+    table = Table(title=title)
+    for column in columns:
+        table.add_column(
+            column.header,
+            justify="right" if column.numeric else "left",
+            no_wrap=column.max_width is None,
+            overflow="fold",
+            max_width=column.max_width,
+        )
     for row in rows:
-        table.add_row(*display_cells(row))
+        table.add_row(*(Text(column.cell(row)) for column in columns))  # Text: no markup in values
     return table
+
+
+def fit_table(
+    columns: Sequence[ConsoleColumn], rows: Sequence[dict[str, Any]], width: int, title: str | None = None
+) -> tuple[Table, list[ConsoleColumn]]:
+    """A table of the columns that fit in ``width``, in their given order, and the columns left out.
+
+    Columns are taken by priority (then order); one that would make the table wider than ``width``
+    is left out rather than squeezed, so a number is never folded letter by letter or cut to '1…'.
+    """
+    probe = Console(width=width, file=io.StringIO())
+    unbounded = probe.options.update_width(10**4)
+    kept: list[ConsoleColumn] = []
+    for column in sorted(columns, key=lambda c: c.priority):  # sorted is stable: ties keep their order
+        trial = [c for c in columns if c in kept or c is column]
+        if column.priority == 0 or probe.measure(_make_table(trial, rows, title), options=unbounded).maximum <= width:
+            kept.append(column)
+    shown = [c for c in columns if c in kept]
+    spare = width - probe.measure(_make_table(shown, rows, title), options=unbounded).maximum
+    if spare > 0:  # room left over: let the first wrapping column use it rather than wrap
+        wrapping = next((i for i, c in enumerate(shown) if c.max_width is not None), None)
+        if wrapping is not None:
+            shown[wrapping] = replace(shown[wrapping], max_width=shown[wrapping].max_width + spare)
+    return _make_table(shown, rows, title), [c for c in columns if c not in kept]
+
+
+def print_lines(console: Console, lines: Sequence[str]) -> None:
+    """Plain text (no markup, no highlighting), wrapped at the console's width."""
+    for line in lines:
+        console.print(Text(line), highlight=False)
+
+
+_FIELD_WORDS = re.compile(r"^([^=]+)=(.*)$")
+_FRACTION_METRICS = ("acc", "top5", "mean_class_acc", "f1_macro")
+
+
+def override_words(run: str) -> list[str]:
+    """A job folder's name split back into Hydra's overrides: 'a=1,b=[2,3]' -> ['a=1', 'b=[2,3]'].
+
+    Hydra names a sweep job ``key=value,key=value`` (conf/hydra/default.yaml); a comma inside
+    brackets belongs to a list value. A folder that is not such a name (a job number) is one word;
+    '.' (the run directory itself) is none.
+    """
+    words: list[str] = []
+    for part in run.split("/"):
+        if part in ("", "."):
+            continue
+        pieces, depth, start = [], 0, 0
+        for i, char in enumerate(part):
+            depth += (char in "[{(") - (char in "]})")
+            if char == "," and depth <= 0:
+                pieces.append(part[start:i])
+                start = i + 1
+        pieces.append(part[start:])
+        first = len(words)
+        for piece in pieces:  # 'a=x,y' without brackets: y has no '=', so it is still a's value
+            if len(words) > first and "=" not in piece:
+                words[-1] += "," + piece
+            else:
+                words.append(piece)
+    return words
+
+
+def shared_overrides(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """The overrides every job has (in the first job's order): one header line, not one per row."""
+    if not rows:
+        return []
+    others = [set(override_words(row["run"])) for row in rows[1:]]
+    return [word for word in override_words(rows[0]["run"]) if all(word in other for other in others)]
+
+
+def _strategy_cell(row: dict[str, Any]) -> str:
+    strategy = row.get("strategy")
+    if strategy is None:
+        return MISSING
+    if strategy == "partial_unfreeze" and row.get("unfreeze_last") is not None:
+        return f"{strategy}[{row['unfreeze_last']}]"
+    return str(strategy)
+
+
+def _explained(word: str, row: dict[str, Any], shown: set[str]) -> bool:
+    """Whether an override's value is already a cell of the row (backbone=x, strategy=y)."""
+    match = _FIELD_WORDS.match(word)
+    if match is None:
+        return False
+    key, value = match.groups()
+    key = key.lstrip("+~")
+    if key in ("backbone", "strategy"):
+        return key in shown and value == str(row.get(key))
+    if key == "strategy.unfreeze_last":
+        partial = row.get("strategy") == "partial_unfreeze"
+        return "strategy" in shown and partial and value == str(row.get("unfreeze_last"))
+    return False
+
+
+def _cell(column: str, fmt: Callable[[Any], str]) -> Callable[[dict[str, Any]], str]:
+    return lambda row: MISSING if row.get(column) is None else fmt(row[column])
+
+
+def _pct(value: Any) -> str:
+    """0.9333 -> '93.33': accuracies as percentages take five characters, not six."""
+    return f"{100 * value:.2f}" if isinstance(value, int | float) else str(value)
+
+
+def _mib(value: Any) -> str:
+    return f"{value / 2**20:.0f}" if isinstance(value, int | float) else str(value)
+
+
+def console_view(rows: Sequence[dict[str, Any]]) -> tuple[list[str], list[ConsoleColumn]]:
+    """Header lines and candidate columns of the console table (comparison.md keeps every column).
+
+    What is the same in every job goes into the header lines; a column whose value is the same
+    (or missing) in every row is left out; the run column keeps only what differs per job.
+    """
+    shared = shared_overrides(rows)
+    lines = [f"{'all jobs' if len(rows) > 1 else 'run'}: {' '.join(shared)}"] if shared else []
+
+    def varies(cell: Callable[[dict[str, Any]], str]) -> bool:
+        return len({cell(row) for row in rows}) > 1
+
+    def known(cell: Callable[[dict[str, Any]], str]) -> bool:
+        return any(cell(row) != MISSING for row in rows)
+
+    labels: dict[str, Callable[[dict[str, Any]], str]] = {
+        "backbone": _cell("backbone", str),
+        "strategy": _strategy_cell,
+        "weights": _cell("weights", str),
+        "dataset": _cell("dataset", str),
+        "device": _cell("device", str),
+        "monitor": _cell("monitor", str),
+    }
+    shown = {name for name, cell in labels.items() if varies(cell)}
+    shared_values = {word.split("=", 1)[1] for word in shared if "=" in word}
+    same = [
+        f"{name}={value}"
+        for name, cell in labels.items()
+        if name not in shown and (value := cell(rows[0])) != MISSING and value not in shared_values
+    ]
+    if same:
+        lines.append("same in all: " + " ".join(same))
+
+    shared_set = set(shared)
+
+    def run_cell(row: dict[str, Any]) -> str:
+        words = override_words(row["run"])
+        rest = [w for w in words if w not in shared_set and not _explained(w, row, shown)]
+        return " ".join(rest) if rest else "(shared only)" if words else str(row["run"])
+
+    monitors = {str(row.get("monitor")).rsplit("/", 1)[-1] for row in rows}
+    fraction = monitors <= set(_FRACTION_METRICS)
+    cuda = any(row.get("peak_cuda_bytes") is not None for row in rows)
+    candidates = [
+        ConsoleColumn("run", run_cell, 0, numeric=False, max_width=36),
+        ConsoleColumn("backbone", labels["backbone"], 0, numeric=False),
+        ConsoleColumn("strategy", labels["strategy"], 0, numeric=False),
+        ConsoleColumn("weights", labels["weights"], 6, numeric=False),
+        ConsoleColumn("dataset", labels["dataset"], 6, numeric=False),
+        ConsoleColumn("top-1 %", _cell("test_acc", _pct), 0),
+        ConsoleColumn("mean cls %", _cell("test_mean_class_acc", _pct), 1),
+        ConsoleColumn("F1 %", _cell("test_f1_macro", _pct), 5),
+        ConsoleColumn("top-5 %", _cell("test_top5", _pct), 7),
+        ConsoleColumn("best val %" if fraction else "best val",
+                      _cell("best_val_metric", _pct if fraction else _fmt_float), 2),
+        ConsoleColumn("epochs", _cell("epochs_run", str), 8),
+        ConsoleColumn("train s", lambda r: _fmt_seconds(s) if (s := training_seconds(r)) is not None else MISSING, 3),
+        ConsoleColumn("wall s", _cell("wall_total_s", _fmt_seconds), 7),
+        ConsoleColumn("trainable", _cell("params_trainable", _fmt_params), 4),
+        ConsoleColumn("CUDA MiB" if cuda else "RSS MiB", _cell("peak_cuda_bytes" if cuda else "peak_cpu_rss_bytes",
+                                                               _mib), 8),
+        ConsoleColumn("device", labels["device"], 9, numeric=False),
+    ]
+    columns = []
+    for column in candidates:
+        if column.header == "run":
+            keep = len(rows) > 1 and any(run_cell(row) != "(shared only)" for row in rows)
+        elif column.numeric:
+            keep = known(column.cell)
+        else:
+            keep = column.header in shown
+        if keep:
+            columns.append(column)
+    return lines, columns
+
+
+def render_table(rows: Sequence[dict[str, Any]], width: int = 120) -> tuple[Table, list[str]]:
+    """The console table fitted to ``width``, and the headers left out for lack of room."""
+    _, columns = console_view(rows)
+    table, hidden = fit_table(columns, rows, width, title=f"{len(rows)} run(s)")
+    return table, [column.header for column in hidden]
+
+
+def print_comparison(rows: Sequence[dict[str, Any]], console: Console) -> None:
+    """Header lines (what every job shares), the table fitted to the console, and what it left out."""
+    lines, _ = console_view(rows)
+    table, hidden = render_table(rows, console.width)
+    print_lines(console, lines)
+    console.print(table)
+    if hidden:
+        print_lines(console, [f"not shown at {console.width} columns: {', '.join(hidden)} "
+                              "(comparison.md and comparison.csv have every column)"])
 
 
 def _markdown(rows: Sequence[dict[str, Any]]) -> str:
@@ -301,9 +526,8 @@ def compare(options: CompareOptions) -> int:
     rows = collect_summaries(root)
     paths = write_comparison(rows, root if options.out is None else options.out.expanduser())
     console = Console()
-    console.print(render_table(rows))
-    for path in paths.values():
-        console.print(f"wrote {path}")
+    print_comparison(rows, console)
+    print_lines(console, [f"wrote {path}" for path in paths.values()])
     return 0
 
 

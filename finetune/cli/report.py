@@ -38,6 +38,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from finetune import config_dir
 from finetune.cli.args import run_command
+from finetune.cli.compare import ConsoleColumn, fit_table, print_lines
 from finetune.config.problems import ConfigProblem
 from finetune.config.schema import Choice, StrategyName, at_least
 from finetune.errors import SetupError
@@ -453,7 +454,7 @@ def display_columns(rows: Sequence[dict[str, Any]]) -> list[tuple[str, Callable[
     mem = _memory_key(rows)
     size = rows[0]["image_size"] if rows else "?"
     gmacs = [(f"GMACs @{size}px", lambda r: _fmt(r["gmacs"], 3))]
-    if any(r["gmacs"] != r["imagenet_gmacs"] for r in rows):  # at the eval crop the two are one column
+    if _two_gmacs(rows):  # at the eval crop the two are one column
         gmacs.append(("GMACs @224px", lambda r: _fmt(r["imagenet_gmacs"], 2)))
     return [
         ("backbone", lambda r: r["backbone"]),
@@ -570,14 +571,59 @@ def write_report(rows: Sequence[dict[str, Any]], out_dir: str | Path) -> dict[st
     }
 
 
-def rich_table(rows: Sequence[dict[str, Any]]) -> Table:
-    columns = display_columns(rows)
-    table = Table(title="finetune.report", caption=settings_line(rows), caption_justify="left")
-    for i, (header, _) in enumerate(columns):
-        table.add_column(header, justify="left" if i < 2 else "right", no_wrap=i < 2)
-    for row in rows:
-        table.add_row(*(cell(row) for _, cell in columns))
-    return table
+# The screen's short memory headers; the long MEMORY_LABELS stay in report.md and the plots.
+MEMORY_SHORT = {CUDA_MEMORY_COLUMN: "CUDA MB", CPU_MEMORY_COLUMN: "RSS+ MB"}
+
+
+def _two_gmacs(rows: Sequence[dict[str, Any]]) -> bool:
+    """Whether GMACs at the measured size differ from those at 224 px (else the two are one column)."""
+    return any(r["gmacs"] != r["imagenet_gmacs"] for r in rows)
+
+
+def console_columns(rows: Sequence[dict[str, Any]]) -> list[ConsoleColumn]:
+    """The screen table's columns with short headers, fixed precision and a priority each.
+
+    Priority 0 is always shown; the others are dropped, highest first, when the terminal is too
+    narrow for them (report.md and report.csv keep every column).
+    """
+    mem = _memory_key(rows)
+    columns = [
+        ConsoleColumn("backbone", lambda r: r["backbone"], 0, numeric=False),
+        ConsoleColumn("strategy", lambda r: r["strategy"], 0, numeric=False),
+        ConsoleColumn("params M", lambda r: _fmt(r["total_params"] / 1e6, 2), 5),
+        ConsoleColumn("trainable M", lambda r: _fmt((r["trainable_params"] + r["head_params"]) / 1e6, 3), 1),
+        ConsoleColumn("GMACs", lambda r: _fmt(r["gmacs"], 3), 4),  # at the measured size, which the notes say
+    ]
+    if _two_gmacs(rows):
+        columns.append(ConsoleColumn("GMACs@224", lambda r: _fmt(r["imagenet_gmacs"], 2), 8))
+    return [
+        *columns,
+        ConsoleColumn("weights MB", lambda r: _fmt(r["weights_mb"], 1), 7),
+        ConsoleColumn("fwd img/s", lambda r: _fmt(r["forward_img_s"], 1), 3),
+        ConsoleColumn("train img/s", lambda r: _fmt(r["train_img_s"], 1), 2),
+        ConsoleColumn(MEMORY_SHORT[mem], lambda r: _fmt(r.get(mem), 0), 2),
+        ConsoleColumn("IN top-1", lambda r: _fmt(r["imagenet_top1"], 2), 6),
+        ConsoleColumn("IN top-5", lambda r: _fmt(r["imagenet_top5"], 2), 9),
+    ]
+
+
+def rich_table(rows: Sequence[dict[str, Any]], width: int = 120) -> tuple[Table, list[str]]:
+    """The screen table fitted to ``width`` columns, and the headers it had no room for."""
+    table, hidden = fit_table(console_columns(rows), rows, width, title="finetune.report")
+    return table, [column.header for column in hidden]
+
+
+def print_table(rows: Sequence[dict[str, Any]], console: Console) -> None:
+    """The fitted table, then what it left out and the measuring conditions, wrapped to the console."""
+    table, hidden = rich_table(rows, console.width)
+    console.print(table)
+    lines = [f"not shown at {console.width} columns: {', '.join(hidden)} (report.md and report.csv have them)"]
+    mem = _memory_key(rows)
+    gmacs = f"GMACs: multiply-adds per image at {rows[0]['image_size']} px"
+    if _two_gmacs(rows):
+        gmacs += ", GMACs@224 at ImageNet's 224 px"
+    notes = f"{gmacs}. {MEMORY_SHORT[mem]}: {MEMORY_LABELS[mem]}. IN: ImageNet. {settings_line(rows)}"
+    print_lines(console, [*(lines if hidden else []), notes])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -605,7 +651,7 @@ def run(settings: ReportSettings, console: Console) -> dict[str, Path]:
                 warmup=settings.warmup,
                 on_progress=lambda text: progress.update(task, advance=1, description=text),
             )
-    console.print(rich_table(rows))
+    print_table(rows, console)
     paths = write_report(rows, settings.out.expanduser())
     for kind, path in paths.items():
         console.print(f"{kind}: {path}")

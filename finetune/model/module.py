@@ -11,7 +11,13 @@ from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
 
-from finetune.config.schema import OptimizerConfig, OptimizerName
+from finetune.config.schema import (
+    HeadConfig,
+    OptimizerConfig,
+    OptimizerName,
+    RegularizationConfig,
+    SchedulerConfig,
+)
 from finetune.config.typed import plain
 from finetune.errors import SetupError
 from finetune.model.backbones import build_backbone, weights_source
@@ -122,6 +128,10 @@ class EpochMeans:
         return loss, torch.stack(self.hits).sum().float() / seen if self.hits else None
 
 
+# The step loss as the progress bar shows it (logger=False; loggers get train/loss_step).
+BAR_LOSS_KEY = "loss"
+
+
 class FinetuneModule(pl.LightningModule):
     """Backbone (frozen prefix + trainable suffix) and head; checkpoints describe themselves.
 
@@ -162,14 +172,16 @@ class FinetuneModule(pl.LightningModule):
                                           freeze_epochs)
         self.trainable = trainable_at(self.schedule, 0)
         freeze_stages(self.backbone, self.trainable)
-        head = dict(head or {})
-        self.head = build_head(self.backbone.feature_dim, num_classes, head.get("type", "linear"),
-                               int(head.get("hidden_dim", 512)), float(head.get("dropout", 0.0)))
-        self.optimizer_cfg = dict(optimizer or plain(OptimizerConfig(name=OptimizerName.adamw)))
-        self.scheduler_cfg = dict(scheduler or {"name": "cosine", "warmup_epochs": 0, "min_lr_ratio": 0.01})
+        # Each dict is its schema node (finetune.config.schema) as plain data; its defaults fill what a bare
+        # module, or a checkpoint of an earlier version, leaves out.
+        head = {**plain(HeadConfig()), **(head or {})}
+        self.head = build_head(self.backbone.feature_dim, num_classes, head["type"], int(head["hidden_dim"]),
+                               float(head["dropout"]))
+        self.optimizer_cfg = {**plain(OptimizerConfig(name=OptimizerName.adamw)), **(optimizer or {})}
+        self.scheduler_cfg = {**plain(SchedulerConfig()), **(scheduler or {})}
         weight = torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
         self.criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=label_smoothing)
-        self.regularization = dict(regularization or {})
+        self.regularization = {**plain(RegularizationConfig()), **(regularization or {})}
         self.input_stage = input_stage
         self.val_metrics = classification_metrics(num_classes, "val/")
         self.test_metrics = classification_metrics(num_classes, "test/")
@@ -303,7 +315,7 @@ class FinetuneModule(pl.LightningModule):
     def _mixed(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mixup / CutMix (timm-style alphas) on the batch; returns the logits and the mixed loss."""
         reg = self.regularization
-        mixup, cutmix = float(reg.get("mixup_alpha", 0.0)), float(reg.get("cutmix_alpha", 0.0))
+        mixup, cutmix = float(reg["mixup_alpha"]), float(reg["cutmix_alpha"])
         use_cutmix = cutmix > 0 and x.ndim == 4 and (mixup <= 0 or torch.rand(()) < 0.5)
         alpha = cutmix if use_cutmix else mixup
         lam = float(torch.distributions.Beta(alpha, alpha).sample())
@@ -325,8 +337,8 @@ class FinetuneModule(pl.LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
         reg = self.regularization
-        mixing = float(reg.get("mixup_alpha", 0.0)) > 0 or float(reg.get("cutmix_alpha", 0.0)) > 0
-        if mixing and torch.rand(()) < float(reg.get("mix_prob", 1.0)):
+        mixing = float(reg["mixup_alpha"]) > 0 or float(reg["cutmix_alpha"]) > 0
+        if mixing and torch.rand(()) < float(reg["mix_prob"]):
             logits, loss = self._mixed(x, y)
         else:
             logits = self(x)
@@ -336,10 +348,15 @@ class FinetuneModule(pl.LightningModule):
         # is one (Lightning reads bar values to the host every step).
         self.epoch_means["train"].add(loss, len(y), hits=(logits.argmax(1) == y).sum())
         trainer = self._trainer
-        bar = trainer is None or trainer.progress_bar_callback is not None
         connector = getattr(trainer, "_logger_connector", None)
-        if bar or connector is None or connector.should_update_logs or trainer.fast_dev_run:
-            self.log("train/loss_step", loss, on_step=True, on_epoch=False, prog_bar=bar)
+        # Each key is always logged with the same arguments; only whether it is logged depends on the trainer.
+        # Lightning keeps a key's arguments for the trainer's lifetime, across fits, and refuses other ones:
+        # lr_find's sweep runs a fit of the same trainer with its own callbacks only (no bar) before the
+        # real fit (issue 17), so a prog_bar that followed the bar crashed the real fit.
+        if trainer is None or trainer.progress_bar_callback is not None:
+            self.log(BAR_LOSS_KEY, loss, on_step=True, on_epoch=False, prog_bar=True, logger=False)
+        if connector is None or connector.should_update_logs or trainer.fast_dev_run:
+            self.log("train/loss_step", loss, on_step=True, on_epoch=False, prog_bar=False)
         return loss
 
     def on_train_epoch_start(self) -> None:
@@ -362,7 +379,7 @@ class FinetuneModule(pl.LightningModule):
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch
         logits = self(x)
-        if self.regularization.get("tta_hflip") and self.input_stage == 0 and x.ndim == 4:
+        if self.regularization["tta_hflip"] and self.input_stage == 0 and x.ndim == 4:
             logits = (logits.softmax(1) + self(x.flip(-1)).softmax(1)).log()  # average of probabilities
         self.epoch_means["test"].add(self.criterion(logits, y), len(y))
         self.test_metrics.update(logits, y)
@@ -401,15 +418,15 @@ class FinetuneModule(pl.LightningModule):
         else:
             raise SetupError(f"Unknown optimizer '{cfg['name']}'. Choose adamw or sgd.")
         sched = self.scheduler_cfg
-        if sched.get("name", "none") == "none" and len(self.schedule) == 1:
+        if sched["name"] == "none" and len(self.schedule) == 1:
             return optimizer
         total = int(self.trainer.estimated_stepping_batches)
         epochs = max(1, int(self.trainer.max_epochs or 1))
         per_epoch = max(1, total // epochs)
-        warmup = round(float(sched.get("warmup_epochs", 0)) * per_epoch)
-        min_ratio = float(sched.get("min_lr_ratio", 0.0))
+        warmup = round(float(sched["warmup_epochs"]) * per_epoch)
+        min_ratio = float(sched["min_lr_ratio"])
         starts = {stage: epoch * per_epoch for epoch, stages in self.schedule for stage in stages}
-        cosine = sched.get("name", "none") == "cosine"
+        cosine = sched["name"] == "cosine"
         # One multiplier per group: zero until its stage unfreezes, then its own warmup (+ cosine).
         lambdas = [group_lr_lambda(starts.get(g["stage"], 0), warmup, total, min_ratio, cosine)
                    for g in optimizer.param_groups]

@@ -98,11 +98,12 @@ def probe(cfg: FinetuneConfig) -> dict[str, Any]:
     proba = _full_probabilities(clf, scaler.transform(x_test), n)
     pred = proba.argmax(1)
     labels = np.arange(n)
+    clipped = np.clip(proba, 1e-12, 1)  # a class absent from the fit has probability 0: log_loss needs > 0
     test = {
         "acc": float((pred == y_test).mean()),
         "mean_class_acc": float(balanced_accuracy_score(y_test, pred)),
         "f1_macro": float(f1_score(y_test, pred, average="macro", labels=labels, zero_division=0)),
-        "loss": float(log_loss(y_test, np.clip(proba, 1e-12, 1), labels=labels)),
+        "loss": float(log_loss(y_test, clipped / clipped.sum(1, keepdims=True), labels=labels)),
     }
     if n >= 5:
         test["top5"] = float(top_k_accuracy_score(y_test, proba, k=5, labels=labels))

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -32,15 +31,12 @@ from finetune.run.builders import (
     use_channels_last,
 )
 from finetune.run.outputs import TrainingPeakMemory
+from finetune.run.quiet import quiet_known_noise
 from finetune.run.run_dir import SUMMARY_NAME
 from finetune.run.setup import Prepared, prepare_run
 from finetune.run.summary import device_name, make_summary, write_run_files
 
 log = logging.getLogger(__name__)
-
-# Frozen stages are in eval mode on purpose (their BatchNorm statistics must not move).
-warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
-
 
 def check_config(cfg: DictConfig | FinetuneConfig) -> FinetuneConfig:
     """The config as checked, typed objects (the same conversion every entry point makes)."""
@@ -50,6 +46,7 @@ def check_config(cfg: DictConfig | FinetuneConfig) -> FinetuneConfig:
 def train(cfg: DictConfig | FinetuneConfig) -> dict[str, Any]:
     """Run one job of the config; returns its summary (a finished identical run's, when resume=auto skips it)."""
     cfg = to_typed(cfg)
+    quiet_known_noise()
     if cfg.strategy.name == StrategyName.linear_probe:
         from finetune.run.linear_probe import probe
 

@@ -1,0 +1,38 @@
+"""Quiet by default: third-party notices a finetune user cannot act on, filtered by their exact text.
+
+``FINETUNE_VERBOSE=1`` shows everything. Nothing else is hidden: a warning finetune has not named here
+still prints.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+
+# (message regex, category): warnings whose cause is inside a library, not in the user's run
+WARNINGS = (
+    (r".*isinstance\(treespec, LeafSpec\)` is deprecated.*", Warning),  # Lightning's pytree copy on torch >= 2.10
+    (r"The number of training batches \(\d+\) is smaller than the logging interval.*", Warning),  # small data:
+    # the epoch metrics are logged at every epoch's end anyway
+    (r".*module\(s\) in eval mode.*", Warning),  # frozen stages are in eval on purpose (BatchNorm stays put)
+)
+# Lightning's advertisements, logged at INFO on every run
+LOG_PREFIXES = ("💡 Tip:",)
+
+
+class _DropTips(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).startswith(LOG_PREFIXES)
+
+
+def quiet_known_noise() -> None:
+    """Install the filters (idempotent); no-op with FINETUNE_VERBOSE=1."""
+    if os.environ.get("FINETUNE_VERBOSE", "") not in ("", "0"):
+        return
+    for message, category in WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)
+    for name in ("pytorch_lightning.utilities.rank_zero", "lightning.pytorch.utilities.rank_zero"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropTips) for f in logger.filters):
+            logger.addFilter(_DropTips())
