@@ -3,7 +3,8 @@
 A corrupt JPEG found in epoch 3, or a ``val/`` class the model was never trained on, costs a run;
 decoding every file once up front costs seconds. ``check_image_tree`` looks and reports,
 ``apply_policy`` turns the report into a decision (files to skip, or a ``SetupError``), and the
-folder dataset lists files with ``class_folders`` / ``image_files`` so both see the same tree.
+folder dataset lists files with ``list_image_tree`` (as the check does) so both see the same tree:
+every real file once, however many symbolic links lead to it, and no link followed round a loop.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 
 from PIL import Image
 
-from finetune.data.images import MAX_PIXELS, BadImageError, decode_rgb, is_image_file
+from finetune.data.images import MAX_ASPECT, MAX_PIXELS, BadImageError, decode_rgb, is_image_file
 from finetune.errors import SetupError
 
 SPLITS = ("train", "val", "test")
@@ -29,6 +30,12 @@ FLAT = "all"  # split name used for a flat root/<class>/ tree, which the dataset
 ON_BAD_IMAGE = ("skip", "error")
 SHOWN = 5  # how many paths a one-paragraph message names before saying "and N more"
 CANNOT_READ = "cannot read file"
+HASH = "sha256"  # content hash of every file: duplicates, split groups, splits.csv
+
+# Why a symbolic link was not followed (a folder) or not counted (a file already listed).
+LOOP = "loops back into a folder above it"
+OUTSIDE = "leads outside data.root"
+RELISTED = "leads to a file or folder already listed"
 
 
 @dataclass(frozen=True)
@@ -40,11 +47,34 @@ class BadFile:
 
 
 @dataclass(frozen=True)
+class SkippedLink:
+    """A symbolic link the listing did not follow (folders) or did not count again (files), and why.
+
+    ``target`` is where the link resolves to; for a file already listed, the path it is listed under.
+    """
+
+    path: Path
+    target: Path
+    reason: str  # LOOP, OUTSIDE or RELISTED
+
+
+@dataclass
+class TreeListing:
+    """An image tree as both the check and the folder dataset read it: every real file once."""
+
+    layout: str  # as CheckReport.layout
+    files: dict[tuple[str, str], list[Path]]  # (split, class) -> image files; empty classes included
+    ignored: list[Path] = field(default_factory=list)  # files in class folders without an image extension
+    links: list[SkippedLink] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
 class DuplicatePair:
     """Two files with identical bytes in places where that matters.
 
-    ``kind`` is ``"across splits"`` (a test image also trained on: inflated test accuracy) or
-    ``"across classes"`` (one picture with two labels).
+    ``kind`` is ``"across splits"`` (a test image also trained on: inflated test accuracy),
+    ``"across classes"`` (one picture with two labels) or ``"within a class"`` (a copy that weighs
+    twice; an automatic split keeps such copies on one side).
     """
 
     first: Path
@@ -57,7 +87,7 @@ class _FileResult:
     """What decoding one file found; made in worker threads, so it holds plain values only."""
 
     path: Path
-    sha1: str
+    sha256: str
     mode: str | None
     error: str | None
 
@@ -76,8 +106,12 @@ class CheckReport:
     unknown_classes: list[str] = field(default_factory=list)  # "val/zebra": not a train class
     missing_classes: list[str] = field(default_factory=list)  # "val/cat": train class absent there
     duplicates: list[DuplicatePair] = field(default_factory=list)
+    links: list[SkippedLink] = field(default_factory=list)  # symbolic links not followed or not counted
     converted: dict[str, int] = field(default_factory=dict)  # original mode -> images converted to RGB
     problems: list[str] = field(default_factory=list)  # tree-level structural errors
+    # listed file -> SHA-256 of its bytes (every file that could be read); not written to data_check.json.
+    # Pass it to load_folder_splits(hashes=...) so the split groups copies without reading the files again.
+    hashes: dict[Path, str] = field(default_factory=dict, repr=False)
 
     def bad_files(self) -> list[Path]:
         """Paths of files that cannot be decoded (the dataset skips or refuses them)."""
@@ -111,11 +145,22 @@ class CheckReport:
         for kind, advice in (
             ("across splits", "the same picture is trained on and evaluated, inflating val/test accuracy"),
             ("across classes", "the same picture carries two labels"),
+            ("within a class", "each copy weighs extra in training and in the counts; an automatic split "
+             "keeps copies on one side"),
         ):
             pairs = [pair for pair in self.duplicates if pair.kind == kind]
             if pairs:
                 shown = (f"{self._relative(p.first)} = {self._relative(p.second)}" for p in pairs)
                 warnings_.append(f"{_count(pairs, 'duplicate file')} {kind} ({advice}): {_names(shown)}.")
+        for reason, what in (
+            (LOOP, "not followed (following one would list the same files again and again, under the wrong class)"),
+            (OUTSIDE, "not followed (put those files inside the tree, or link them one by one)"),
+            (RELISTED, "counted once"),
+        ):
+            links = [link for link in self.links if link.reason == reason]
+            if links:
+                shown = (f"{self._relative(link.path)} -> {self._relative(link.target)}" for link in links)
+                warnings_.append(f"{_count(links, 'symbolic link')} {what}, each {reason}: {_names(shown)}.")
         if self.ignored:
             warnings_.append(
                 f"{_count(self.ignored, 'file')} without an image extension, ignored: "
@@ -142,6 +187,7 @@ class CheckReport:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form: paths as strings, plus the derived errors and warnings."""
         data = _jsonable(asdict(self))
+        del data["hashes"]  # one line per file: the report stays readable
         data["errors"] = self.errors()
         data["warnings"] = self.warnings()
         return data
@@ -156,10 +202,12 @@ class CheckReport:
 
     def _relative(self, path: Path) -> str:
         """A path shown relative to the root: shorter messages, same meaning."""
-        try:
-            return str(path.relative_to(self.root))
-        except ValueError:
-            return str(path)
+        for root in (self.root, self.root.resolve()):  # link targets are resolved paths
+            try:
+                return str(path.relative_to(root))
+            except ValueError:
+                pass
+        return str(path)
 
 
 def check_image_tree(
@@ -194,6 +242,7 @@ def check_image_tree(
     _tally(files, results, report)
     _compare_classes(report)
     report.duplicates = _duplicates(files, results)
+    report.hashes = {path: result.sha256 for path, result in results.items() if result.sha256}
     return report
 
 
@@ -226,16 +275,58 @@ def apply_policy(report: CheckReport, on_bad_image: str) -> frozenset[Path]:
 
 
 def class_folders(split_dir: Path) -> list[str]:
-    """Class names under ``split_dir``, sorted; hidden folders (``.ipynb_checkpoints``) are not classes."""
-    return sorted(entry.name for entry in os.scandir(split_dir) if entry.is_dir() and not _hidden(entry.name))
+    """Class names under ``split_dir``, sorted; hidden folders (``.ipynb_checkpoints``) are not classes,
+    nor is a link back to ``split_dir`` or a folder above it."""
+    return _class_entries(Path(split_dir))[0]
 
 
-def image_files(class_dir: Path) -> list[Path]:
-    """Image-named files anywhere under ``class_dir``, sorted, following links like ImageFolder.
+def image_files(class_dir: Path, root: Path | None = None) -> list[Path]:
+    """Image-named files anywhere under ``class_dir``, sorted, each real file once.
 
-    Hidden files are left out (unlike ImageFolder): macOS ``._x.jpg`` files are not images.
+    Folder links are followed like ImageFolder does, except one that loops back into a folder above
+    it or leads outside ``root`` (default: ``class_dir`` itself); a file reached twice through links
+    is listed once. Hidden files are left out (unlike ImageFolder): macOS ``._x.jpg`` files are not images.
     """
-    return [path for path in _all_files(class_dir) if is_image_file(path)]
+    class_dir = Path(class_dir)
+    root = class_dir if root is None else Path(root)
+    entries = [("", "", *found) for found in _walk(class_dir, root, root.resolve(), [])]
+    return [entry[2] for entry in _dedupe(entries, []) if is_image_file(entry[2])]
+
+
+def list_image_tree(root: Path | str) -> TreeListing:
+    """The tree under ``root`` exactly as ``check_image_tree`` lists it (used by the folder dataset).
+
+    Split layout when ``root`` has train/, val/ or test/ (split names as in SPLITS), else flat (split
+    FLAT). Paths are ``Path(root).absolute()`` / ...; the structural problems are the check's to report.
+    """
+    root = Path(root).absolute()
+    layout = _layout(root)
+    if layout == "none":
+        return TreeListing(layout, {})
+    split_dirs = {FLAT: root} if layout == "flat" else {s: root / s for s in SPLITS if (root / s).is_dir()}
+    listing = _list_tree(root, split_dirs)
+    listing.layout = layout
+    return listing
+
+
+def file_sha256(path: Path | str) -> str:
+    """Hex SHA-256 of a file's bytes (the check's content hash); '' when it cannot be read."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as file:
+            for block in iter(lambda: file.read(1 << 20), b""):
+                digest.update(block)
+    except OSError:
+        return ""
+    return digest.hexdigest()
+
+
+def sha256_files(paths: Sequence[Path], workers: int | None = None) -> dict[Path, str]:
+    """``file_sha256`` of many files on ``workers`` threads (hashlib releases the GIL)."""
+    if not paths:
+        return {}
+    with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:
+        return dict(zip(paths, pool.map(file_sha256, paths), strict=True))
 
 
 def _layout(root: Path) -> str:
@@ -276,24 +367,139 @@ def _split_dirs(root: Path, report: CheckReport) -> dict[str, Path]:
 
 def _list_files(split_dirs: dict[str, Path], report: CheckReport) -> dict[tuple[str, str], list[Path]]:
     """(split, class) -> image files; every class folder gets an entry, even an empty one."""
-    files: dict[tuple[str, str], list[Path]] = {}
+    listing = _list_tree(report.root, split_dirs)
+    report.ignored.extend(listing.ignored)
+    report.links.extend(listing.links)
     for split, split_dir in split_dirs.items():
-        classes = class_folders(split_dir)
+        classes = [name for part, name in listing.files if part == split]
         report.images[split] = {}
         report.stray.extend(
             path for path in sorted(split_dir.iterdir()) if path.is_file() and not _hidden(path.name)
         )
-        for name in classes:
-            every = _all_files(split_dir / name)
-            files[split, name] = [path for path in every if is_image_file(path)]
-            report.ignored.extend(path for path in every if not is_image_file(path))
         if len(classes) < 2 and split in ("train", FLAT):
             report.problems.append(_too_few_classes(split_dir, classes))
         elif not classes:
             report.problems.append(
                 f"{split_dir} has no class folders. Add <class>/ folders to it, or delete it."
             )
-    return files
+    return listing.files
+
+
+def _list_tree(root: Path, split_dirs: dict[str, Path]) -> TreeListing:
+    """Walk every class folder; a real file reached by several paths is kept once (see ``_dedupe``)."""
+    real_root = root.resolve()
+    links: list[SkippedLink] = []
+    entries: list[_Entry] = []
+    classes: list[tuple[str, str]] = []
+    for split, split_dir in split_dirs.items():
+        names, loops = _class_entries(split_dir)
+        links.extend(loops)
+        for name in names:
+            classes.append((split, name))
+            entries.extend((split, name, *found) for found in _walk(split_dir / name, root, real_root, links))
+    listing = TreeListing("", {key: [] for key in classes}, links=links)
+    for split, name, path, _, _ in _dedupe(entries, links):
+        if is_image_file(path):
+            listing.files[split, name].append(path)
+        else:
+            listing.ignored.append(path)
+    return listing
+
+
+def _class_entries(split_dir: Path) -> tuple[list[str], list[SkippedLink]]:
+    """Class folder names under ``split_dir``, and links there that point back at it or above it."""
+    real = split_dir.resolve()
+    names, loops = [], []
+    for entry in os.scandir(split_dir):
+        if _hidden(entry.name) or not entry.is_dir():
+            continue
+        if entry.is_symlink():
+            target = Path(entry.path).resolve()
+            if target == real or real.is_relative_to(target):
+                loops.append(SkippedLink(split_dir / entry.name, target, LOOP))
+                continue
+        names.append(entry.name)
+    return sorted(names), sorted(loops, key=lambda link: link.path)
+
+
+def _walk(folder: Path, root: Path, real_root: Path,
+          links: list[SkippedLink]) -> list[tuple[Path, Path | None, bool]]:
+    """(listed path, real path, reached through a link) of every file under ``folder``, sorted.
+
+    Folder links are followed unless they loop back into a folder above (``ln -s .. loop`` would list
+    the tree again and again, under the wrong class), lead outside the real ``root`` and ``folder``,
+    or lead to a folder this walk already went through; those are appended to ``links``. The real
+    path of a broken link is None (its read fails, and the check reports it unreadable).
+    """
+    try:
+        real = folder.resolve()
+    except (OSError, RuntimeError):  # a link loop Path.resolve() itself refuses
+        return []
+    try:
+        linked = real != real_root / folder.relative_to(root)
+    except ValueError:
+        linked = True
+    bases = (real_root, real)
+    visited = {real}
+    found: list[tuple[Path, Path | None, bool]] = []
+    stack = [(folder, real, linked, (real,))]
+    while stack:
+        listed_dir, real_dir, linked, chain = stack.pop()
+        try:
+            with os.scandir(listed_dir) as scan:
+                entries = sorted(scan, key=lambda entry: entry.name)
+        except OSError:  # as os.walk: an unreadable folder is left out
+            continue
+        for entry in entries:
+            if _hidden(entry.name):
+                continue
+            path = listed_dir / entry.name
+            if not entry.is_symlink():
+                if entry.is_dir(follow_symlinks=False):
+                    visited.add(real_dir / entry.name)
+                    stack.append((path, real_dir / entry.name, linked, (*chain, real_dir / entry.name)))
+                else:
+                    found.append((path, real_dir / entry.name, linked))
+                continue
+            try:
+                target = path.resolve(strict=True)
+            except (OSError, RuntimeError):
+                found.append((path, None, True))
+                continue
+            if not target.is_dir():
+                found.append((path, target, True))
+            elif any(target == seen or seen.is_relative_to(target) for seen in chain):
+                links.append(SkippedLink(path, target, LOOP))
+            elif not any(target.is_relative_to(base) for base in bases):
+                links.append(SkippedLink(path, target, OUTSIDE))
+            elif target in visited:
+                links.append(SkippedLink(path, target, RELISTED))
+            else:
+                visited.add(target)
+                stack.append((path, target, True, (*chain, target)))
+    return sorted(found, key=lambda item: item[0])
+
+
+_Entry = tuple[str, str, Path, Path | None, bool]  # split, class, listed path, real path, reached via a link
+
+
+def _dedupe(entries: list[_Entry], links: list[SkippedLink]) -> list[_Entry]:
+    """Each real file once: a path without links beats one through a link, else the first listed wins
+    (train before val before test, classes and paths sorted). The others go to ``links``."""
+    owner: dict[Path, int] = {}
+    for index, (_, _, _, real, linked) in enumerate(entries):
+        if real is not None:
+            first = owner.setdefault(real, index)
+            if entries[first][4] and not linked:
+                owner[real] = index
+    kept = []
+    for index, entry in enumerate(entries):
+        real = entry[3]
+        if real is None or owner[real] == index:
+            kept.append(entry)
+        else:
+            links.append(SkippedLink(entry[2], entries[owner[real]][2], RELISTED))
+    return kept
 
 
 def _too_few_classes(split_dir: Path, classes: Sequence[str]) -> str:
@@ -337,7 +543,7 @@ def _read_memo(memo: Path | None, max_pixels: int, stamps: dict[Path, list[int] 
         return {}
     try:
         saved = json.loads(memo.read_text(encoding="utf-8"))
-        if saved.get("max_pixels") != max_pixels:
+        if saved.get("rules") != _memo_rules(max_pixels):  # another limit, hash, or a memo from before
             return {}
         entries = saved["files"]
         known = {}
@@ -360,15 +566,20 @@ def _write_memo(memo: Path, max_pixels: int, results: dict[Path, _FileResult],
     """Remember results of files that did not change while they were checked. A file that could not be
     read at all (permissions, I/O) is not remembered: that is the environment, not the file."""
     files = {
-        str(path): [*stamp, result.sha1, result.mode, result.error]
+        str(path): [*stamp, result.sha256, result.mode, result.error]
         for path, result in results.items()
         if (stamp := stamps.get(path)) is not None and path not in changed
         and not (result.error or "").startswith(CANNOT_READ)
     }
     memo.parent.mkdir(parents=True, exist_ok=True)
     temporary = memo.with_name(f"{memo.name}.{os.getpid()}.tmp")  # parallel sweep jobs: last rename wins
-    temporary.write_text(json.dumps({"max_pixels": max_pixels, "files": files}), encoding="utf-8")
+    temporary.write_text(json.dumps({"rules": _memo_rules(max_pixels), "files": files}), encoding="utf-8")
     temporary.replace(memo)
+
+
+def _memo_rules(max_pixels: int) -> dict[str, Any]:
+    """What a remembered result depends on besides the file: a memo made under other rules is not used."""
+    return {"max_pixels": max_pixels, "max_aspect": MAX_ASPECT, "hash": HASH}
 
 
 def _decode_one(path: Path, max_pixels: int) -> _FileResult:
@@ -377,12 +588,12 @@ def _decode_one(path: Path, max_pixels: int) -> _FileResult:
         data = path.read_bytes()
     except OSError as error:
         return _FileResult(path, "", None, f"{CANNOT_READ}: {error.strerror or error}")
-    sha1 = hashlib.sha1(data).hexdigest()
+    sha256 = hashlib.sha256(data).hexdigest()
     try:
         _, mode = decode_rgb(data, path, max_pixels)
     except BadImageError as error:
-        return _FileResult(path, sha1, None, error.reason)
-    return _FileResult(path, sha1, mode, None)
+        return _FileResult(path, sha256, None, error.reason)
+    return _FileResult(path, sha256, mode, None)
 
 
 def _tally(
@@ -419,7 +630,7 @@ def _compare_classes(report: CheckReport) -> None:
 def _duplicates(
     files: dict[tuple[str, str], list[Path]], results: dict[Path, _FileResult]
 ) -> list[DuplicatePair]:
-    """Identical bytes in two splits or two classes; each file is paired with its group's first.
+    """Identical bytes in two splits, two classes or one class; each file is paired with its group's first.
 
     The first is taken from the earliest split (train before val before test), so each pair reads
     "this evaluation file is also a training file".
@@ -428,8 +639,8 @@ def _duplicates(
     order = {split: index for index, split in enumerate((*SPLITS, FLAT))}
     for (split, name), paths in files.items():
         for path in paths:
-            if results[path].sha1:
-                groups[results[path].sha1].append((order[split], split, name, path))
+            if results[path].sha256:
+                groups[results[path].sha256].append((order[split], split, name, path))
     pairs = []
     for group in groups.values():
         _, first_split, first_class, first = min(group)
@@ -438,16 +649,9 @@ def _duplicates(
                 pairs.append(DuplicatePair(first, path, "across splits"))
             elif name != first_class:
                 pairs.append(DuplicatePair(first, path, "across classes"))
+            else:
+                pairs.append(DuplicatePair(first, path, "within a class"))
     return sorted(pairs, key=lambda pair: (pair.first, pair.second))
-
-
-def _all_files(folder: Path) -> list[Path]:
-    """Every file under ``folder`` (links followed, hidden names skipped), sorted."""
-    found = []
-    for parent, dirs, names in os.walk(folder, followlinks=True):
-        dirs[:] = [name for name in dirs if not _hidden(name)]
-        found.extend(Path(parent) / name for name in names if not _hidden(name))
-    return sorted(found)
 
 
 def _hidden(name: str) -> bool:

@@ -1,13 +1,17 @@
 """Dataset sources: each returns train/val/test splits of (PIL image, label) plus class names.
 
 Transforms are applied later (by the datamodule), so the same split can feed the
-augmented path, the eval path and the feature cache.
+augmented path, the eval path and the feature cache. ``write_splits_csv`` records which sample
+went where (path, split, class, content hash).
 """
 
 from __future__ import annotations
 
+import csv
+import hashlib
 import logging
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,7 +21,7 @@ from PIL import Image
 from sklearn.model_selection import train_test_split
 from torch.utils.data import Dataset
 
-from finetune.data.checks import class_folders, image_files
+from finetune.data.checks import SPLITS, list_image_tree, sha256_files
 from finetune.data.images import BadImageError, open_rgb
 from finetune.errors import SetupError
 
@@ -33,6 +37,9 @@ class Splits:
     # Identifies the data for cache keys: file lists or a dataset version string.
     fingerprint: str = ""
     skipped: list[str] = field(default_factory=list)
+    # file -> SHA-256 of its bytes, where already known (the check's, or hashed to group copies);
+    # split_rows() fills in the rest. Kept here, not on the datasets, so DataLoader workers never copy it.
+    hashes: dict[Path, str] = field(default_factory=dict, repr=False)
 
     @property
     def num_classes(self) -> int:
@@ -113,34 +120,109 @@ def class_counts(dataset: Dataset, num_classes: int) -> list[int]:
     return counts
 
 
+PART_NAMES = ("val", "test")  # what stratified_split's parts are called in its warnings
+
+
 def stratified_split(
-    labels: Sequence[int], fractions: Sequence[float], seed: int
+    labels: Sequence[int],
+    fractions: Sequence[float],
+    seed: int,
+    groups: Sequence[Hashable] | None = None,
+    names: Sequence[str] | None = None,
 ) -> list[list[int]]:
-    """Index lists [rest, part1, part2, ...]: each part a stratified ``fraction`` of the whole."""
-    indices = np.arange(len(labels))
-    labels = np.asarray(labels)
-    parts: list[list[int]] = []
-    remaining, remaining_labels = indices, labels
+    """Index lists [rest, part1, part2, ...]: each part a stratified ``fraction`` of the whole.
+
+    ``groups`` (one key per index, e.g. a content hash) keeps indices with one key on one side: the
+    split is made over the groups, each labelled by its first index, then expanded. A class with
+    fewer than two groups left cannot give one to a part and keep one: it stays in rest, and a warning
+    names it (``names[label]``); the other classes stay stratified. Every class keeps one group in rest.
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    keys = range(len(labels)) if groups is None else groups
+    if len(keys) != len(labels):
+        raise ValueError(f"{len(keys)} groups for {len(labels)} labels")
+    unit_of: dict[Hashable, int] = {}
+    members: list[list[int]] = []
+    for index, key in enumerate(keys):
+        unit = unit_of.setdefault(key, len(members))
+        if unit == len(members):
+            members.append([])
+        members[unit].append(index)
+    unit_labels = labels[[group[0] for group in members]] if members else labels
+    parts = _split_units(unit_labels, fractions, seed, names)
+    return [sorted(index for unit in part for index in members[unit]) for part in parts]
+
+
+def _split_units(labels: np.ndarray, fractions: Sequence[float], seed: int,
+                 names: Sequence[str] | None) -> list[list[int]]:
+    """stratified_split over units (an image, or a group of copies) that each carry one label."""
     total = len(labels)
-    for frac in fractions:
-        if frac <= 0:
+    remaining = np.arange(total)
+    parts: list[list[int]] = []
+    for number, frac in enumerate(fractions):
+        if not frac or frac <= 0:
             parts.append([])
             continue
-        size = max(round(frac * total), len(np.unique(labels)))
-        if size >= len(remaining):
+        counts = Counter(labels[remaining].tolist())
+        small = sorted(label for label, n in counts.items() if n < 2)
+        if small:
+            _warn_small(small, PART_NAMES[number] if number < len(PART_NAMES) else f"part {number + 1}", names)
+        eligible = remaining[~np.isin(labels[remaining], small)] if small else remaining
+        size = max(round(frac * total), len(np.unique(labels[eligible])))
+        if size >= len(eligible):
             raise SetupError(
                 f"Split fraction {frac} leaves no training data ({total} images). Lower "
                 f"data.val_fraction / data.test_fraction."
             )
         try:
-            rest, part = train_test_split(
-                remaining, test_size=size, stratify=remaining_labels, random_state=seed
-            )
-        except ValueError:  # a class with a single image cannot be stratified
-            rest, part = train_test_split(remaining, test_size=size, random_state=seed)
+            rest, part = train_test_split(eligible, test_size=size, stratify=labels[eligible], random_state=seed)
+        except ValueError:  # too few left for train to hold every class: share out by hand
+            rest, part = _allocate(eligible, labels, size, seed, frac, total)
+        rest, part = _keep_one_in_rest(rest, part, labels)
         parts.append(sorted(part.tolist()))
-        remaining, remaining_labels = rest, labels[rest]
+        remaining = np.concatenate([rest, remaining[np.isin(labels[remaining], small)]]) if small else rest
     return [sorted(remaining.tolist()), *parts]
+
+
+def _warn_small(small: Sequence[int], part: str, names: Sequence[str] | None) -> None:
+    shown = ", ".join(repr(names[label]) if names is not None else str(label) for label in small)
+    log.warning(
+        "%d class(es) with fewer than 2 distinct images left cannot give any to %s: %s. All their images "
+        "stay in train, so %s does not measure them; add images to them, or provide a %s/ folder.",
+        len(small), part, shown, part, part,
+    )
+
+
+def _allocate(units: np.ndarray, labels: np.ndarray, size: int, seed: int, frac: float,
+              total: int) -> tuple[np.ndarray, np.ndarray]:
+    """(rest, part): ``size`` units, shared out over classes by their share, at least one left per class."""
+    rng = np.random.RandomState(seed)
+    by_class = {c: rng.permutation(units[labels[units] == c]) for c in np.unique(labels[units]).tolist()}
+    room = {c: len(members) - 1 for c, members in by_class.items()}
+    if size > sum(room.values()):
+        raise SetupError(
+            f"Split fraction {frac} leaves too little training data ({total} images, {len(by_class)} classes "
+            "that each need one in train). Lower data.val_fraction / data.test_fraction."
+        )
+    share = {c: size * len(members) / len(units) for c, members in by_class.items()}
+    take = {c: min(room[c], int(share[c])) for c in by_class}
+    order = sorted(by_class, key=lambda c: (int(share[c]) - share[c], c))  # largest remainder first
+    while sum(take.values()) < size:
+        for c in order:
+            if take[c] < room[c] and sum(take.values()) < size:
+                take[c] += 1
+    part = np.concatenate([by_class[c][: take[c]] for c in by_class])
+    rest = np.concatenate([by_class[c][take[c]:] for c in by_class])
+    return rest, part
+
+
+def _keep_one_in_rest(rest: np.ndarray, part: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Move one unit back to rest for any class the part took completely."""
+    lost = set(labels[part].tolist()) - set(labels[rest].tolist())
+    if not lost:
+        return rest, part
+    back = [next(i for i, unit in enumerate(part) if labels[unit] == c) for c in sorted(lost)]
+    return np.concatenate([rest, part[back]]), np.delete(part, back)
 
 
 def load_digits_splits(cfg: Any) -> Splits:
@@ -163,25 +245,38 @@ def load_digits_splits(cfg: Any) -> Splits:
     return Splits(subset(train_idx), subset(val_idx), subset(test_idx), classes, fingerprint)
 
 
-def _list_class_folder(folder: Path) -> dict[str, list[Path]]:
-    """Class name -> image files, listed exactly as the data check lists them."""
-    return {c: image_files(folder / c) for c in class_folders(folder)}
+def load_folder_splits(
+    cfg: Any, skip: set[Path] | None = None, hashes: Mapping[Path, str] | None = None
+) -> Splits:
+    """A user's ImageFolder tree: train/ val/ test/ subfolders, or one folder split by fractions.
 
-
-def load_folder_splits(cfg: Any, skip: set[Path] | None = None) -> Splits:
-    """A user's ImageFolder tree: train/ val/ test/ subfolders, or one folder split by fractions."""
+    Files are listed as the data check lists them (``list_image_tree``: each real file once, no link
+    loops). An automatic split keeps byte-identical copies on one side; ``hashes`` (listed path ->
+    SHA-256, e.g. ``CheckReport.hashes``) saves reading the files again, and without it only files
+    whose size another file shares are read and hashed here.
+    """
     if cfg.root is None or str(cfg.root) in ("", "???"):
         raise SetupError("data=folder needs data.root=/path/to/images (class subfolders inside).")
     root = Path(str(cfg.root)).expanduser().absolute()
     if not root.is_dir():
         raise SetupError(f"data.root='{root}' does not exist or is not a folder.")
     skip = skip or set()
+    known = {Path(p): h for p, h in (hashes or {}).items() if h}
+    listing = list_image_tree(root)
+    seed = int(cfg.split_seed)
 
     def keep(paths: list[Path]) -> list[Path]:
         return [p for p in paths if p not in skip]
 
-    if (root / "train").is_dir():
-        per_split = {s: _list_class_folder(root / s) for s in ("train", "val", "test") if (root / s).is_dir()}
+    if listing.layout == "split":
+        per_split: dict[str, dict[str, list[Path]]] = {s: {} for s in SPLITS if (root / s).is_dir()}
+        for (split, name), paths in listing.files.items():
+            per_split[split][name] = paths
+        if "train" not in per_split:
+            raise SetupError(
+                f"data.root='{root}' has {' and '.join(f'{s}/' for s in per_split)} but no train/ folder. Add "
+                "train/<class>/ folders, or put all class folders directly under data.root."
+            )
         classes = sorted(per_split["train"])
         index = {c: i for i, c in enumerate(classes)}
         missing = {s: sorted(set(d) - set(classes)) for s, d in per_split.items() if set(d) - set(classes)}
@@ -196,16 +291,18 @@ def load_folder_splits(cfg: Any, skip: set[Path] | None = None) -> Splits:
         train = samples["train"]
         fractions = [cfg.val_fraction if "val" not in samples else 0.0,
                      cfg.test_fraction if "test" not in samples else 0.0]
-        rest, val_idx, test_idx = stratified_split([y for _, y in train], fractions, int(cfg.split_seed))
+        groups = _content_keys([p for p, _ in train], known) if any((f or 0) > 0 for f in fractions) else None
+        rest, val_idx, test_idx = stratified_split([y for _, y in train], fractions, seed, groups, classes)
         val = samples.get("val") or [train[i] for i in val_idx]
         test = samples.get("test") or [train[i] for i in test_idx]
         train = [train[i] for i in rest]
     else:
-        found = _list_class_folder(root)
+        found = {name: paths for (_, name), paths in listing.files.items()}
         classes = sorted(found)
         all_samples = [(p, i) for i, c in enumerate(classes) for p in keep(found[c])]
+        groups = _content_keys([p for p, _ in all_samples], known)
         rest, val_idx, test_idx = stratified_split(
-            [y for _, y in all_samples], [cfg.val_fraction, cfg.test_fraction], int(cfg.split_seed)
+            [y for _, y in all_samples], [cfg.val_fraction, cfg.test_fraction], seed, groups, classes
         )
         train, val, test = ([all_samples[i] for i in idx] for idx in (rest, val_idx, test_idx))
     if len(classes) < 2:
@@ -216,7 +313,29 @@ def load_folder_splits(cfg: Any, skip: set[Path] | None = None) -> Splits:
     fingerprint = "|".join(
         f"{p}:{p.stat().st_size}:{p.stat().st_mtime_ns}:{y}" for split in (train, val, test) for p, y in split
     )
-    return Splits(ImageFileDataset(train), ImageFileDataset(val), ImageFileDataset(test), classes, fingerprint)
+    used = {p: known[p] for split in (train, val, test) for p, _ in split if p in known}
+    return Splits(ImageFileDataset(train), ImageFileDataset(val), ImageFileDataset(test), classes, fingerprint,
+                  hashes=used)
+
+
+def _content_keys(paths: Sequence[Path], known: dict[Path, str]) -> list[str]:
+    """One key per file, equal for byte-identical files: the SHA-256 where ``known``, or where the file's
+    size is shared by another file (hashed here and added to ``known``); else the path itself, since a
+    file of a size no other file has cannot be a copy."""
+    missing = [p for p in paths if p not in known]
+    if missing:
+        sizes = {p: _size(p) for p in paths}
+        shared = Counter(sizes.values())
+        hashed = sha256_files([p for p in missing if shared[sizes[p]] > 1])
+        known.update((p, digest) for p, digest in hashed.items() if digest)
+    return [known.get(p) or f"file:{p}" for p in paths]
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return -1
 
 
 def _missing_download(name: str, root: Path, files: str, err: Exception) -> SetupError:
@@ -265,6 +384,59 @@ SOURCES: dict[str, Callable[..., Splits]] = {
     "flowers102": load_flowers102_splits,
     "cifar10": load_cifar10_splits,
 }
+
+
+SPLIT_COLUMNS = ("path", "split", "label", "sha256")
+
+
+def split_rows(splits: Splits) -> list[dict[str, str]]:
+    """One row per sample of train, val and test, in dataset order, with the keys in SPLIT_COLUMNS.
+
+    ``path`` is the image file (as listed: absolute), or the sample's index for in-memory and
+    torchvision datasets (the index into the torchvision dataset, not into the split); ``label`` is
+    the class name; ``sha256`` is of the file's bytes (files whose hash the check or the split knew are
+    not read again; the others are read here and remembered in ``splits.hashes``), of the pixels for
+    in-memory images, and '' for torchvision datasets.
+    """
+    rows: list[dict[str, str]] = []
+    for split in ("train", "val", "test"):
+        dataset = getattr(splits, split)
+        if isinstance(dataset, ImageFileDataset):
+            paths = [p for p, _ in dataset.samples]
+            splits.hashes.update(sha256_files([p for p in dict.fromkeys(paths) if not splits.hashes.get(p)]))
+            entries = [(str(p), splits.hashes.get(p, "")) for p in paths]
+        elif isinstance(dataset, ImageListDataset):
+            entries = [(str(i), _pixels_sha256(image)) for i, image in enumerate(dataset.images)]
+        elif isinstance(dataset, TorchvisionDataset):
+            entries = [(str(i), "") for i in dataset.indices]
+        else:
+            entries = [(str(i), "") for i in range(len(dataset))]
+        labels = dataset_labels(dataset)
+        rows.extend(
+            dict(zip(SPLIT_COLUMNS, (path, split, splits.classes[label], digest), strict=True))
+            for (path, digest), label in zip(entries, labels, strict=True)
+        )
+    return rows
+
+
+def write_splits_csv(splits: Splits, path: Path | str) -> Path:
+    """Write ``split_rows(splits)`` as CSV (header SPLIT_COLUMNS) to ``path``, atomically; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    with open(temporary, "w", newline="", encoding="utf-8") as file:
+        writer = csv.DictWriter(file, fieldnames=SPLIT_COLUMNS)
+        writer.writeheader()
+        writer.writerows(split_rows(splits))
+    temporary.replace(path)
+    return path
+
+
+def _pixels_sha256(image: Image.Image) -> str:
+    """SHA-256 of an in-memory image's mode, size and pixels: equal pictures, equal hashes."""
+    digest = hashlib.sha256(f"{image.mode}:{image.size[0]}x{image.size[1]}:".encode())
+    digest.update(image.tobytes())
+    return digest.hexdigest()
 
 
 def load_splits(cfg: Any, **kwargs: Any) -> Splits:

@@ -25,6 +25,12 @@ IMAGE_EXTENSIONS = frozenset(
 # Pillow's own default (Image.MAX_IMAGE_PIXELS): about a 9459 x 9459 picture, ~268 MB as RGB.
 MAX_PIXELS = 89_478_485
 
+# Longest side / shortest side beyond which a picture is refused. The model's resize scales the
+# short side to ~224 px, so the long side grows by the same factor: a 100000 x 2 strip (a 110-byte
+# PNG, 0.2 Mpx, far under MAX_PIXELS) would become 11.2M x 224 px, gigabytes of RGB. At 50:1 the
+# resized picture stays under 50 * 224 * 224 = 2.5 Mpx; real photos, scans and banners are under 10:1.
+MAX_ASPECT = 50
+
 # Background that transparent pixels are composited on: what image viewers, and so the people who
 # labelled the data, show. Plain convert("RGB") would expose whatever colour the file stores under
 # alpha 0, usually black, so a logo on a transparent background would turn into a logo on black.
@@ -126,15 +132,27 @@ def _strict_truncation() -> Iterator[None]:
 
 
 def _check_pixels(image: Image.Image, path: Path | str, max_pixels: int) -> None:
-    """Refuse oversized images from the header alone, before any pixel is decoded.
+    """Refuse oversized or extremely elongated images from the header alone, before any pixel is decoded.
 
     Pillow's own guard only warns between MAX_IMAGE_PIXELS and twice that, and reads a
     process-wide setting; this one reads the argument. Pillow still refuses anything over twice
     ``Image.MAX_IMAGE_PIXELS``, so a ``max_pixels`` above that needs Pillow's limit raised too.
+    A picture longer than ``MAX_ASPECT`` times its width (or the other way round) is refused as
+    well: it is small on disk and in pixels, but the model's resize would make it huge.
     """
     width, height = image.size
     if width * height > max_pixels:
         raise BadImageError(path, f"too large: {width}x{height} = {width * height} pixels > {max_pixels}")
+    short, long = sorted((width, height))
+    if short < 1:
+        raise BadImageError(path, f"no pixels: {width}x{height}")
+    if long > MAX_ASPECT * short:
+        raise BadImageError(
+            path,
+            f"aspect ratio too extreme: {width}x{height} is {long / short:.0f}:1, over the "
+            f"{MAX_ASPECT}:1 limit (finetune.data.images.MAX_ASPECT): scaling its short side to the "
+            "model's input size would make the long side huge",
+        )
 
 
 def _to_rgb(image: Image.Image, path: Path | str) -> Image.Image:

@@ -87,9 +87,10 @@ def check_job(composed: Any, multirun: bool) -> FinetuneConfig:
     check_model(cfg)
     check_paths(cfg)
     if run_dir is not None and Path(run_dir).is_dir():
-        from finetune.run.run_dir import claim_run_dir
+        from finetune.run.run_dir import claim_run_dir, lock_run_dir
 
         claim_run_dir(cfg, Path(run_dir), result_defining(cfg), compare_data=False)
+        lock_run_dir(Path(run_dir))  # held until this process ends: Hydra's .hydra/ of a running run stays
     return cfg
 
 

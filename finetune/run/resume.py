@@ -78,7 +78,8 @@ class InterruptCheckpoint(pl.Callback):
 
     Other exceptions (a diverged loss, a bug) save nothing: the last good checkpoint stays. Such a
     checkpoint is usually taken mid-epoch; :class:`ResumeInEpoch` makes a resume from it go on with
-    the next batch of that epoch's order.
+    the next batch of that epoch's order. Not Lightning's public ``OnExceptionCheckpoint``: it saves on
+    every exception, so a NaN loss would leave a diverged checkpoint as the newest one to resume from.
     """
 
     def __init__(self, dirpath: str | os.PathLike) -> None:
@@ -149,7 +150,10 @@ def position_train_loaders(trainer: pl.Trainer, done: int) -> bool:
     creates its iterator before it calls ``set_epoch``: a mid-epoch resume replayed the epoch's first
     batches, and with ``num_workers`` > 0 even a resume at an epoch boundary drew epoch 0's order
     (Lightning issue #21938). Runs in ``on_train_start``, after Lightning's restart bookkeeping and
-    before the first batch; the iterator is made again when the position changed.
+    before the first batch; the iterator is made again when the position changed. Reads private loop
+    state (``_combined_loader``, ``_data_fetcher``; pinned by pyproject's upper bound): a stateful
+    dataloader (torchdata's) would restore the position itself, but it cannot re-draw an order from
+    (seed, epoch), which is what keeps cached, uncached and any-worker runs on the same batches.
     """
     samplers = train_samplers(trainer)
     epoch = int(trainer.fit_loop.epoch_progress.current.processed)  # what Lightning passes to set_epoch
@@ -280,7 +284,11 @@ def latest_checkpoint(folder: Path) -> Path | None:
 
 
 def resolve_resume(value: Any, run_dir: Path) -> Path | None:
-    """``resume=auto``: the run directory's latest checkpoint (none: a fresh start); ``resume=PATH``: that file."""
+    """``resume=auto``: the run directory's latest checkpoint (none: a fresh start); ``resume=PATH``: that file.
+
+    Not ``trainer.fit(ckpt_path="last")``: that finds only the checkpoint callbacks' ``last`` files, never
+    interrupted.ckpt (written on Ctrl-C/SIGTERM, usually newer), and it cannot be checked before fit starts.
+    """
     if value in NO_RESUME:
         return None
     if value == "auto":

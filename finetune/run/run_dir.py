@@ -26,7 +26,59 @@ log = logging.getLogger(__name__)
 CONFIG_NAME = "resolved_config.yaml"  # the run's config, resolved: written before training
 SUMMARY_NAME = "summary.json"  # written last: its presence means the run finished
 NO_RESUME = (None, "none", "null", "", "false", "False")  # how a config says "start fresh"
+SPLITS_NAME = "splits.csv"  # every sample's path, split, label and content hash
 IDENTITY_NAME = "run_identity.json"  # the run's identity (finetune.config.identity), beside its config
+
+
+LOCK_NAME = ".finetune.lock"  # held (flock) by the process running in the folder; the kernel frees it on exit
+_held: dict[Path, int] = {}  # run folder -> the open lock file descriptor of this process
+
+
+def lock_run_dir(out_dir: Path) -> None:
+    """One run per run directory at a time: an exclusive flock, taken before the run writes anything.
+
+    A second start is refused naming the holder's PID. A holder that died (kill -9, a crash) holds nothing:
+    the kernel released its lock, so the folder is free again. Ranks > 0 of a multi-process launch share
+    rank 0's folder and take no lock. Idempotent within one process.
+    """
+    import fcntl
+    import os
+
+    if os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("RANK", "0") != "0":
+        return
+    out_dir = out_dir.absolute()
+    if out_dir in _held:
+        return
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(out_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:
+        raise SetupError(f"The run directory {out_dir} cannot be used ({err.strerror or err}): give a writable "
+                         f"hydra.run.dir (or hydra.sweep.dir).") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise SetupError(f"Another finetune run (PID {holder}) is running in {out_dir} now; two runs in one folder "
+                         f"would overwrite each other's checkpoints and summary. Wait for it to end, or give this "
+                         f"run its own hydra.run.dir.") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _held[out_dir] = fd
+
+
+def remove_leftovers(out_dir: Path) -> list[Path]:
+    """Temp files of an earlier process killed while writing (``write_atomic``'s ``.NAME.*.tmp``): the run
+    holds the folder's lock, so no live writer owns them."""
+    gone = []
+    for path in out_dir.rglob(".*.tmp"):
+        if path.is_file():
+            path.unlink(missing_ok=True)
+            gone.append(path)
+    if gone:
+        log.info("removed %d temp file(s) a killed run left in %s", len(gone), out_dir)
+    return gone
 
 
 def write_identity(out_dir: Path, identity: dict[str, Any]) -> None:

@@ -2,7 +2,8 @@
 
 The data is scanned and listed, the run's identity (result-defining config + data fingerprint) is
 taken, the run directory is claimed against it, a resume is checked against the checkpoint's own
-identity; only then are the data report, ``run_identity.json`` and ``resolved_config.yaml`` written.
+identity; only then are the data report, ``run_identity.json``, ``splits.csv`` and ``resolved_config.yaml``
+written.
 """
 
 from __future__ import annotations
@@ -19,12 +20,20 @@ import pytorch_lightning as pl
 from finetune.config.identity import result_defining
 from finetune.config.schema import FinetuneConfig, StrategyName
 from finetune.config.typed import to_yaml
-from finetune.data.datasets import Splits, load_splits
+from finetune.data.datasets import Splits, load_splits, write_splits_csv
 from finetune.errors import SetupError
 from finetune.run.builders import apply_tf32, check_data
 from finetune.run.outputs import reset_peak_memory, write_atomic
 from finetune.run.resume import check_resume_matches, resolve_resume
-from finetune.run.run_dir import CONFIG_NAME, claim_run_dir, set_aside, write_identity
+from finetune.run.run_dir import (
+    CONFIG_NAME,
+    SPLITS_NAME,
+    claim_run_dir,
+    lock_run_dir,
+    remove_leftovers,
+    set_aside,
+    write_identity,
+)
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +71,10 @@ def prepare_run(cfg: FinetuneConfig) -> Prepared | dict[str, Any]:
             if not (out_dir / "summary.json").is_file():  # the list the message points to must exist
                 report.write(out_dir)
             raise
-    splits = load_splits(cfg.data, skip=skip) if cfg.data.name == "folder" else load_splits(cfg.data)
+    if cfg.data.name == "folder":  # the check hashed every file already: the split reads nothing again
+        splits = load_splits(cfg.data, skip=skip, hashes=report.hashes if report is not None else None)
+    else:
+        splits = load_splits(cfg.data)
     if cfg.monitor == "val/top5" and splits.num_classes < 5:
         raise SetupError(f"monitor=val/top5 needs 5 or more classes; this data has {splits.num_classes}. "
                          f"Use val/acc or val/mean_class_acc.")
@@ -76,7 +88,8 @@ def prepare_run(cfg: FinetuneConfig) -> Prepared | dict[str, Any]:
         if resume_from is not None:
             check_resume_matches(resume_from, identity)
             log.info("resuming from %s", resume_from)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    lock_run_dir(out_dir)  # before the first file of this run: a second run in the folder is refused
+    remove_leftovers(out_dir)
     if report is not None:
         report.write(out_dir)
         if skip:
@@ -87,6 +100,7 @@ def prepare_run(cfg: FinetuneConfig) -> Prepared | dict[str, Any]:
     if claim.extends is not None:
         set_aside(claim.extends)
     write_identity(out_dir, identity)
+    write_splits_csv(splits, out_dir / SPLITS_NAME)  # what was in train/val/test, with content hashes
     write_atomic(out_dir / CONFIG_NAME, lambda f: f.write(to_yaml(cfg).encode()))
     pl.seed_everything(cfg.seed, workers=True)
     apply_tf32(cfg.speed.tf32)
