@@ -208,3 +208,14 @@ def test_existing_cache_folder_not_writable_when_extraction_is_needed(tmp_path: 
     monkeypatch.setattr(tempfile, "TemporaryFile", refuse)
     with pytest.raises(SetupError, match=r"not writable.*cache\.enabled=false"):
         cached(folder, tensor_images())
+
+
+def test_an_unusable_cache_dir_stops_the_data_check_too(compose_cfg, image_folder: Path, tmp_path: Path) -> None:
+    from finetune.run.train import train
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    cfg = compose_cfg("backbone.weights=none", "data=folder", f"data.root={image_folder}", "data.image_size=32",
+                      "trainer.max_epochs=1", "logger=none", f"cache.dir={blocker / 'cache'}")
+    with pytest.raises(SetupError, match=r"cache\.dir"):
+        train(cfg)

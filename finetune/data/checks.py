@@ -571,10 +571,14 @@ def _write_memo(memo: Path, max_pixels: int, results: dict[Path, _FileResult],
         if (stamp := stamps.get(path)) is not None and path not in changed
         and not (result.error or "").startswith(CANNOT_READ)
     }
-    memo.parent.mkdir(parents=True, exist_ok=True)
     temporary = memo.with_name(f"{memo.name}.{os.getpid()}.tmp")  # parallel sweep jobs: last rename wins
-    temporary.write_text(json.dumps({"rules": _memo_rules(max_pixels), "files": files}), encoding="utf-8")
-    temporary.replace(memo)
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        temporary.write_text(json.dumps({"rules": _memo_rules(max_pixels), "files": files}), encoding="utf-8")
+        temporary.replace(memo)
+    except OSError as err:
+        raise SetupError(f"cache.dir cannot hold the data check's memo {memo} ({err.strerror or err}): set "
+                         f"cache.dir=... (or FINETUNE_CACHE) to a writable folder.") from None
 
 
 def _memo_rules(max_pixels: int) -> dict[str, Any]:
