@@ -13,6 +13,32 @@ from PIL import Image
 
 from finetune import config_dir
 
+ROOT = Path(__file__).resolve().parents[1]
+# What a checkout may hold besides tracked files: the venv, caches of tools (not of finetune)
+EXPECTED = (".venv", ".ruff_cache", ".pytest_cache", "__pycache__", ".egg-info", ".whl", ".gl")
+
+
+def _untracked(root: Path) -> set[str]:
+    """Untracked files and folders, ignored ones included (``.cache/`` is ignored, and must still not appear)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--ignored", "--untracked-files=normal"], cwd=root,
+                             capture_output=True, text=True, timeout=60, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return set()
+    paths = {line[3:].strip() for line in out.splitlines() if line[:2] in ("??", "!!")}
+    return {p for p in paths if not any(part in p for part in EXPECTED)}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def checkout_stays_clean():
+    """The suite leaves the checkout as it found it: every path a test writes is under tmp_path."""
+    before = _untracked(ROOT)
+    yield
+    new = sorted(_untracked(ROOT) - before)
+    assert not new, f"the test suite wrote into the checkout: {new}"
+
 
 @pytest.fixture
 def compose_cfg(tmp_path: Path) -> Callable[..., DictConfig]:

@@ -340,3 +340,16 @@ def test_a_run_records_the_split_it_used(compose_cfg, image_folder: Path) -> Non
     assert counts == summary["split_sizes"]
     first = next(r for r in rows if r["split"] == "test")
     assert hashlib.sha256(Path(first["path"]).read_bytes()).hexdigest() == first["sha256"]
+
+
+def test_min_per_class_refuses_a_tree_with_a_too_small_class(compose_cfg, tmp_path: Path) -> None:
+    from finetune.errors import SetupError
+    from finetune.run.train import train
+
+    root = write_image_folder(tmp_path / "imgs", classes=3, per_class=8)
+    for extra in sorted((root / "class_2").iterdir())[2:]:
+        extra.unlink()
+    cfg = compose_cfg("backbone.weights=none", "data=folder", f"data.root={root}", "data.image_size=32",
+                      "data.min_per_class=5", "trainer.max_epochs=1", "logger=none")
+    with pytest.raises(SetupError, match=r"data\.min_per_class=5: .* class_2 \(2\)"):
+        train(cfg)

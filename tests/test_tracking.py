@@ -14,12 +14,13 @@ from finetune.run.train import train
 def test_wandb_runs_offline_without_api_key(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
     env.update(PYTHONWARNINGS="ignore", WANDB_DIR=str(tmp_path), WANDB_CACHE_DIR=str(tmp_path / "wcache"),
-               WANDB_CONFIG_DIR=str(tmp_path / "wconfig"))
+               WANDB_CONFIG_DIR=str(tmp_path / "wconfig"), FINETUNE_CACHE=str(tmp_path / "cache"),
+               PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     run_dir = tmp_path / "run"
     proc = subprocess.run(
         [sys.executable, "-m", "finetune", "backbone.weights=none", "data.image_size=32", "trainer.max_epochs=1",
          "logger=wandb", "logger.wandb.group=my-sweep", "callbacks.progress_bar=none", f"hydra.run.dir={run_dir}"],
-        env=env, capture_output=True, text=True, timeout=300,
+        env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = list((run_dir / "wandb").glob("offline-run-*"))

@@ -216,6 +216,7 @@ class DataConfig:
     test_fraction: float | None = result(None, doc="share held out for test (unsplit data)")
     split_seed: int = result(0)
     balanced_sampler: bool = result(False, doc="draw every class equally often in training")
+    min_per_class: int | None = result(None, doc="data=folder: refuse a class with fewer usable images")
     check: bool = neutral(True, doc="scan every image before training (data=folder)")
     on_bad_image: OnBadImage = neutral(OnBadImage.skip, doc="skip | error")
     max_pixels: int = neutral(89_478_485, doc="decompression-bomb limit per image")
@@ -239,6 +240,7 @@ class DataConfig:
             raise ConfigProblem("data.val_fraction", self.val_fraction, f"plus data.test_fraction={self.test_fraction} "
                                 "leaves no training images", "keep their sum below 1, e.g. 0.1 and 0.1.")
         at_least("data.max_pixels", self.max_pixels, 1, "pixels per image above which a file counts as a bomb.")
+        at_least("data.min_per_class", self.min_per_class, 1, "null turns the check off.", optional=True)
         if self.name == DataName.folder and self.root is None:
             raise SetupError("data.root has no value and needs one: data=folder reads your images from "
                              "data.root=/path/to/images (class folders inside, or train/ val/ test/ of them).")

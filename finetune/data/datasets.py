@@ -307,6 +307,8 @@ def load_folder_splits(
         train, val, test = ([all_samples[i] for i in idx] for idx in (rest, val_idx, test_idx))
     if len(classes) < 2:
         raise SetupError(f"data.root='{root}' has {len(classes)} class folder(s); at least 2 are needed.")
+    _refuse_small_classes(classes, [y for split in (train, val, test) for _, y in split],
+                          getattr(cfg, "min_per_class", None), root)
     for name, split in (("train", train), ("val", val), ("test", test)):
         if not split:
             raise SetupError(f"The {name} split under '{root}' is empty; add images or change the fractions.")
@@ -316,6 +318,18 @@ def load_folder_splits(
     used = {p: known[p] for split in (train, val, test) for p, _ in split if p in known}
     return Splits(ImageFileDataset(train), ImageFileDataset(val), ImageFileDataset(test), classes, fingerprint,
                   hashes=used)
+
+
+def _refuse_small_classes(classes: Sequence[str], labels: Sequence[int], minimum: int | None, root: Path) -> None:
+    """``data.min_per_class``: refuse a tree where some class has fewer usable images than that."""
+    if not minimum:
+        return
+    counts = Counter(labels)
+    small = {name: counts.get(i, 0) for i, name in enumerate(classes) if counts.get(i, 0) < minimum}
+    if small:
+        listed = ", ".join(f"{name} ({n})" for name, n in sorted(small.items()))
+        raise SetupError(f"data.min_per_class={minimum}: under '{root}' these classes have fewer usable images: "
+                         f"{listed}. Add images, remove those class folders, or lower data.min_per_class.")
 
 
 def _content_keys(paths: Sequence[Path], known: dict[Path, str]) -> list[str]:
