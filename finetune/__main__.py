@@ -26,13 +26,14 @@ def _run(cfg: DictConfig) -> float | None:
     from pytorch_lightning.utilities.exceptions import SIGTERMException
 
     from finetune.run.console import show_result
+    from finetune.run.run_dir import is_launch_rank_zero
     from finetune.run.train import train
 
     started = time.time()
     out_dir = str(cfg.paths.output_dir)
     try:
         summary = train(cfg)
-        if _is_rank_zero():
+        if is_launch_rank_zero():
             show_result(summary, fancy=None if cfg.callbacks.progress_bar != "none" else False)
         return summary["objective"]
     except SetupError as err:
@@ -48,12 +49,6 @@ def _run(cfg: DictConfig) -> float | None:
             _say_how_to_resume("Ctrl-C", out_dir)
             sys.exit(130)
         raise
-
-
-def _is_rank_zero() -> bool:
-    import os
-
-    return os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("RANK", "0") == "0"
 
 
 def _log_to_file(message: str) -> None:

@@ -8,6 +8,7 @@ DictConfig, and reads attributes: the defaults live in the schema and the YAML, 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import logging
 import os
 from pathlib import Path
@@ -210,8 +211,6 @@ def build_callbacks(cfg: FinetuneConfig, has_logger: bool = True) -> list[pl.Cal
 
 def instantiate_node(node: Any, **overrides: Any) -> Any:
     """A ``_target_`` dataclass node as its object: only the arguments it sets away from the target's defaults."""
-    import inspect
-
     kwargs = {k: v for k, v in plain(node).items() if k != "_target_"}
     target = get_class(node._target_)
     params = inspect.signature(target.__init__).parameters

@@ -34,6 +34,13 @@ LOCK_NAME = ".finetune.lock"  # held (flock) by the process running in the folde
 _held: dict[Path, int] = {}  # run folder -> the open lock file descriptor of this process
 
 
+def is_launch_rank_zero() -> bool:
+    """Rank 0 of a multi-process launch (Lightning DDP, torchrun, SLURM), or a single process."""
+    import os
+
+    return os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("RANK", "0") == "0"
+
+
 def lock_run_dir(out_dir: Path) -> None:
     """One run per run directory at a time: an exclusive flock, taken before the run writes anything.
 
@@ -44,7 +51,7 @@ def lock_run_dir(out_dir: Path) -> None:
     import fcntl
     import os
 
-    if os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("RANK", "0") != "0":
+    if not is_launch_rank_zero():
         return
     out_dir = out_dir.absolute()
     if out_dir in _held:
