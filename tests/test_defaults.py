@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import csv
+import logging
 from pathlib import Path
 
+import pytest
+import torch
 from omegaconf import DictConfig, open_dict
 
+from finetune.errors import SetupError
+from finetune.run.resume import check_resume_matches
 from finetune.run.train import train
 
 
@@ -36,7 +41,8 @@ def test_lr_find_with_default_progress_bar(compose_cfg) -> None:
     assert "train/loss_step" in logged_columns(cfg)
 
 
-def test_default_run_with_default_progress_bar(compose_cfg) -> None:
+def test_default_run_with_default_progress_bar(compose_cfg, caplog, recwarn) -> None:
+    caplog.set_level(logging.INFO)
     cfg = with_default_bar(compose_cfg("backbone.weights=none", "data.image_size=32", "trainer.max_epochs=1"))
     summary = train(cfg)
     assert "acc" in summary["test"]
@@ -44,3 +50,26 @@ def test_default_run_with_default_progress_bar(compose_cfg) -> None:
     columns = logged_columns(cfg)
     assert "train/loss_step" in columns and "train/loss_epoch" in columns
     assert "loss" not in columns  # the bar's copy of the step loss stays off the loggers
+    # small data: log_every_n_steps follows the epoch's batches, so Lightning has nothing to warn of
+    assert not [w for w in recwarn if "logging interval" in str(w.message)]
+    logged = [r.getMessage() for r in caplog.records]
+    assert any(line.startswith("extracting train features: ") for line in logged)  # the cached phase reports
+    assert any("total 11.18 M" in line and "cached 11.18 M" in line for line in logged)  # the truthful summary
+    assert f"total {summary['params_total'] / 1e6:,.2f} M" in "\n".join(logged)  # the same as summary.json
+
+
+def test_best_checkpoint_holds_weights_not_training_state(compose_cfg) -> None:
+    """Best checkpoints leave optimizer and scheduler state out (last.ckpt keeps them, for resume), and a resume
+    from one is refused with the way out; its weights are the test's, as before."""
+    cfg = compose_cfg("backbone.weights=none", "data.image_size=32", "trainer.max_epochs=1", "strategy=full_finetune",
+                      "data.augment=false", "logger=none")
+    summary = train(cfg)
+    best = torch.load(summary["best_checkpoint"], map_location="cpu", weights_only=True)
+    last_path = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    last = torch.load(last_path, map_location="cpu", weights_only=True)
+    assert "optimizer_states" not in best and "lr_schedulers" not in best
+    assert last["optimizer_states"] and last["lr_schedulers"]
+    assert best["callbacks"] and best["hyper_parameters"]["identity"] == last["hyper_parameters"]["identity"]
+    assert Path(summary["best_checkpoint"]).stat().st_size < 0.6 * last_path.stat().st_size  # AdamW: 2 moments
+    with pytest.raises(SetupError, match=r"holds the weights only .*resume=auto"):
+        check_resume_matches(Path(summary["best_checkpoint"]), best["hyper_parameters"]["identity"])

@@ -133,15 +133,26 @@ def test_predict_api_uses_the_checkpoints_preprocessing(ckpt: Path, photos: Path
         assert row["probs"][0] == pytest.approx(float(expected.max()), abs=1e-5)
 
 
-def test_predict_cli_subprocess_caps_topk(ckpt: Path, photos: Path, tmp_path: Path) -> None:
-    out = tmp_path / "p.csv"
+def test_predict_cli_subprocess_caps_topk_and_writes_beside_the_run(ckpt: Path, photos: Path, tmp_path: Path) -> None:
+    """Without out=, the CSV goes into the checkpoint's run folder (never the current one), and the console says so."""
     proc = subprocess.run(
-        [sys.executable, "-m", "finetune.predict", f"ckpt={ckpt}", f"images={photos / 'good_0.png'}", f"out={out}"],
-        cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300,
+        [sys.executable, "-m", "finetune.predict", f"ckpt={ckpt}", f"images={photos / 'good_0.png'}"],
+        cwd=tmp_path, env={**ENV, "COLUMNS": "200"}, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
+    out = ckpt.parent.parent / "predictions.csv"
+    assert str(out) in proc.stdout and not (tmp_path / "predictions.csv").exists()
     rows = read_rows(out)
     assert len(rows) == 1 and "class_3" in rows[0] and "class_4" not in rows[0]  # topk=5 capped at 3 classes
+
+
+def test_a_transform_failure_is_that_files_row_not_a_traceback(photos: Path) -> None:
+    def exploding(image):
+        raise MemoryError("cannot allocate 3.65M x 73 px")
+
+    files = predict_cli.ImageFiles([photos / "good_0.png"], exploding)
+    index, image, reason = files[0]
+    assert index == 0 and image is None and reason.startswith("could not be preprocessed (MemoryError")
 
 
 @pytest.mark.parametrize(("args", "message"), [

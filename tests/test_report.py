@@ -107,6 +107,7 @@ def test_parse_overrides_reads_comma_lists_and_keeps_defaults() -> None:
     assert settings.steps == 3
     assert settings.weights == "none"
     assert str(settings.out) == "elsewhere"
+    assert str(parse_overrides([]).out) == "outputs/report"  # the default stays out of a checkout (.gitignore)
 
 
 @pytest.mark.parametrize(

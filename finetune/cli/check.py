@@ -9,15 +9,13 @@ Exit 0: usable (unreadable files, if any, would be skipped). Exit 2: the run wou
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
 from omegaconf import MISSING
 from rich.console import Console
-from rich.progress import Progress
 from rich.table import Table
 from rich.text import Text
 
@@ -25,6 +23,7 @@ from finetune.cli.args import run_command
 from finetune.config.schema import DataConfig, OnBadImage, at_least
 from finetune.data.checks import CheckReport, apply_policy, check_image_tree
 from finetune.errors import SetupError
+from finetune.progress import counted
 
 SHOWN_BAD = 20  # rows of the unreadable-files table; bad_files.txt (out=DIR) has them all
 PROG = "python -m finetune.check"
@@ -78,7 +77,7 @@ def check(options: CheckOptions) -> int:
     """Check, print, write the report files if asked, then apply the policy (which may raise)."""
     console = Console(soft_wrap=True)
     out = options.out.expanduser() if options.out is not None else None
-    with _progress() as progress:
+    with counted("checking images") as progress:
         report = check_image_tree(options.data.root.expanduser(), options.data.max_pixels, options.workers, progress)
     print_report(console, report)
     if out is not None:
@@ -123,17 +122,6 @@ def _bad_table(report: CheckReport) -> Table:
     for bad in report.bad[:SHOWN_BAD]:
         table.add_row(Text(str(bad.path)), Text(bad.reason))
     return table
-
-
-@contextmanager
-def _progress() -> Iterator[Callable[[int, int], None] | None]:
-    """A progress bar on a terminal, nothing in logs; yields the callback the check calls."""
-    if not sys.stderr.isatty():
-        yield None
-        return
-    with Progress(console=Console(stderr=True), transient=True) as bar:
-        task = bar.add_task("decoding images", total=None)
-        yield lambda done, total: bar.update(task, completed=done, total=total)
 
 
 if __name__ == "__main__":

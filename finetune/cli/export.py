@@ -29,6 +29,7 @@ from finetune.config.schema import Choice, at_least
 from finetune.errors import SetupError
 from finetune.model.checkpoints import class_names_of, load_module, preprocessing_of
 from finetune.model.module import FinetuneModule
+from finetune.progress import progress
 
 PROG = "python -m finetune.export"
 OPSET = 18  # >= 17 (LayerNorm and friends); 18 is what torch's dynamo exporter writes natively
@@ -112,23 +113,28 @@ def export(options: ExportOptions) -> ExportResult:
     """Write the model file and preprocessing.json into ``options.folder``, then verify the model file."""
     if options.format == ExportFormat.onnx:
         require_onnx()
-    module = load_module(options.ckpt.expanduser())
-    network = inference_network(module)
-    crop = preprocessing_of(module).crop_size
-    folder = options.folder
-    folder.mkdir(parents=True, exist_ok=True)
-    model_path = folder / FORMATS[options.format]
-    generator = torch.Generator().manual_seed(0)  # the same sample inputs on every run
-    example = torch.randn(EXAMPLE_BATCH, 3, crop, crop, generator=generator)
-    if options.format == ExportFormat.onnx:
-        export_onnx(network, example, model_path, options.opset)
-        run_exported = onnx_runner(model_path)
-    else:
-        export_torchscript(network, model_path)
-        run_exported = torchscript_runner(model_path)
-    prep_path = folder / "preprocessing.json"
-    write_json(prep_path, preprocessing_json(module, str(options.format), model_path.name, options.opset))
-    diff, tolerance = compare(module, run_exported, torch.randn(CHECK_BATCH, 3, crop, crop, generator=generator))
+    # three steps of seconds each on a large model: load the checkpoint, export, run both and compare
+    with progress(f"export to {options.format}: load, export, verify", 3, unit="steps") as advance:
+        module = load_module(options.ckpt.expanduser())
+        network = inference_network(module)
+        crop = preprocessing_of(module).crop_size
+        folder = options.folder
+        folder.mkdir(parents=True, exist_ok=True)
+        model_path = folder / FORMATS[options.format]
+        generator = torch.Generator().manual_seed(0)  # the same sample inputs on every run
+        example = torch.randn(EXAMPLE_BATCH, 3, crop, crop, generator=generator)
+        advance(1)
+        if options.format == ExportFormat.onnx:
+            export_onnx(network, example, model_path, options.opset)
+            run_exported = onnx_runner(model_path)
+        else:
+            export_torchscript(network, model_path)
+            run_exported = torchscript_runner(model_path)
+        prep_path = folder / "preprocessing.json"
+        write_json(prep_path, preprocessing_json(module, str(options.format), model_path.name, options.opset))
+        advance(1)
+        diff, tolerance = compare(module, run_exported, torch.randn(CHECK_BATCH, 3, crop, crop, generator=generator))
+        advance(1)
     return ExportResult(model_path, prep_path, diff, tolerance)
 
 

@@ -31,6 +31,7 @@ from finetune.data.transforms import eval_transform
 from finetune.errors import SetupError
 from finetune.model.checkpoints import class_names_of, load_module, preprocessing_of
 from finetune.model.module import FinetuneModule
+from finetune.progress import progress
 
 SHOWN_ROWS = 10  # rows of the on-screen table; the CSV has them all
 SHOWN_BAD = 10  # unreadable files listed on stderr
@@ -45,8 +46,9 @@ class PredictOptions:
     images: Path = field(default=MISSING, metadata={"doc": "one image file, or a folder searched recursively",
                                                     "metavar": "FILE_OR_FOLDER"})
     topk: int = field(default=5, metadata={"doc": "classes per image, best first (capped at the checkpoint's)"})
-    out: Path = field(default=Path("predictions.csv"), metadata={"doc": "the CSV: one row per file, unreadable "
-                                                                        "ones included"})
+    out: Path | None = field(default=None, metadata={"doc": "the CSV: one row per file, unreadable ones included "
+                                                            "(default: predictions.csv in the checkpoint's run folder)",
+                                                     "metavar": "FILE"})
     batch_size: int = field(default=32, metadata={"doc": "images per forward pass"})
     device: str = field(default="auto", metadata={"doc": "auto (the GPU when there is one), cpu, cuda or cuda:N",
                                                   "metavar": "auto|cpu|cuda"})
@@ -74,14 +76,24 @@ def run(options: PredictOptions) -> int:
     rows = predict(module, paths, options.topk, options.batch_size, options.device,
                    resolve_num_workers(options.workers))
     topk = min(options.topk, int(module.hparams["num_classes"]))
-    out = options.out.expanduser()
-    write_csv(rows, out, topk)
+    out = options.out.expanduser() if options.out is not None else default_csv(options.ckpt.expanduser())
+    try:
+        write_csv(rows, out, topk)
+    except OSError as err:
+        raise SetupError(f"Could not write the predictions to {out} ({err.strerror or err}); give a writable "
+                         f"file with out=PATH.") from None
     console = Console(soft_wrap=True)
     console.print(rows_table(rows, out))
     report_problems(rows, ignored, out)
     if not any(row["error"] is None for row in rows):
         raise SetupError(f"None of the {len(rows)} image file(s) could be read; the reasons are in {out}.")
     return 0
+
+
+def default_csv(ckpt: Path) -> Path:
+    """predictions.csv in the checkpoint's run folder (the one holding ``checkpoints/``), never the current one."""
+    folder = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+    return folder / "predictions.csv"
 
 
 def predict(
@@ -109,8 +121,9 @@ def predict(
                         collate_fn=collate, pin_memory=target.type == "cuda")
     rows: list[dict[str, Any]] = [{} for _ in files.paths]
     module.to(target).eval()
-    with torch.inference_mode():
+    with torch.inference_mode(), progress("predicting", len(files)) as advance:
         for indices, images, failures in loader:
+            advance(len(indices) + len(failures))
             for i, reason in failures:
                 rows[i] = {"path": str(files.paths[i]), "classes": [], "probs": [], "error": reason}
             if not indices:
@@ -135,9 +148,13 @@ class ImageFiles(Dataset):
 
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None]:
         try:
-            return i, self.transform(open_rgb(self.paths[i])), None
+            image = open_rgb(self.paths[i])
         except BadImageError as error:
             return i, None, error.reason
+        try:
+            return i, self.transform(image), None
+        except (OSError, ValueError, RuntimeError, MemoryError) as error:  # one file's failure is its row's
+            return i, None, f"could not be preprocessed ({type(error).__name__}: {str(error)[:200]})"
 
 
 def collate(

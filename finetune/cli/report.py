@@ -116,7 +116,8 @@ class ReportSettings:
         "doc": "none: random init, no download (weights change neither FLOPs, speed nor memory)"})
     device: str = field(default_factory=_default_device, metadata={
         "doc": "cpu, cuda or cuda:N (by default cuda when PyTorch sees a GPU)", "metavar": "cpu|cuda|cuda:N"})
-    out: Path = field(default=Path("report"), metadata={"doc": "folder for report.csv, report.md and the plots"})
+    out: Path = field(default=Path("outputs/report"), metadata={"doc": "folder for report.csv, report.md and the "
+                                                                      "plots"})
 
     def __post_init__(self) -> None:
         """``a,b,a`` measures a and b once each, in the order given."""

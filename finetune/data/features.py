@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from finetune.errors import SetupError
 from finetune.model.backbones import Backbone, imagenet_weights, weights_source
+from finetune.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -215,26 +216,29 @@ def extract_features(
     out: np.memmap | None = None
     labels = np.empty((n,), dtype=np.int64)
     tmp_features, tmp_labels, tmp_record = (temp_path(p) for p in (files.features, files.labels, files.record))
+    split = files.stem.split(".")[0]
     try:
-        for view in range(views):
-            offset = 0
-            for x, y in loader:
-                x = x.to(device, non_blocking=True)
-                if channels_last and x.ndim == 4:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                h = prefix(x).float().cpu().numpy()
-                if out is None:
-                    shape = (views, n, *h.shape[1:]) if views > 1 else (n, *h.shape[1:])
-                    out = np.lib.format.open_memmap(tmp_features, mode="w+", dtype=dtype, shape=shape)
-                target = out[view] if views > 1 else out
-                target[offset:offset + len(h)] = h.astype(dtype, copy=False)
-                labels[offset:offset + len(h)] = np.asarray(y)
-                offset += len(h)
+        with progress(f"extracting {split} features", n * views) as advance:
+            for view in range(views):
+                offset = 0
+                for x, y in loader:
+                    x = x.to(device, non_blocking=True)
+                    if channels_last and x.ndim == 4:
+                        x = x.contiguous(memory_format=torch.channels_last)
+                    h = prefix(x).float().cpu().numpy()
+                    if out is None:
+                        shape = (views, n, *h.shape[1:]) if views > 1 else (n, *h.shape[1:])
+                        out = np.lib.format.open_memmap(tmp_features, mode="w+", dtype=dtype, shape=shape)
+                    target = out[view] if views > 1 else out
+                    target[offset:offset + len(h)] = h.astype(dtype, copy=False)
+                    labels[offset:offset + len(h)] = np.asarray(y)
+                    offset += len(h)
+                    advance(len(h))
         if out is None:  # empty shard
             out = np.lib.format.open_memmap(tmp_features, mode="w+", dtype=dtype, shape=(0,))
         out.flush()
         record = {
-            "format": RECORD_FORMAT, "split": files.stem.split(".")[0], "rows": n, "views": views,
+            "format": RECORD_FORMAT, "split": split, "rows": n, "views": views,
             "features": {"shape": list(out.shape), "dtype": str(out.dtype)},
             "labels": {"shape": list(labels.shape), "dtype": str(labels.dtype)},
         }

@@ -33,6 +33,7 @@ from finetune.errors import SetupError
 from finetune.model.backbones import Preprocessing, preprocessing_for, weights_source
 from finetune.model.module import FinetuneModule
 from finetune.model.unfreezing import StageUnfreezer
+from finetune.progress import counted
 from finetune.run.resume import (
     AtomicCheckpointIO,
     FiniteLoss,
@@ -178,9 +179,10 @@ def build_callbacks(cfg: FinetuneConfig, has_logger: bool = True) -> list[pl.Cal
     from pytorch_lightning.callbacks import (
         EarlyStopping,
         LearningRateMonitor,
-        RichProgressBar,
-        TQDMProgressBar,
     )
+
+    from finetune.run.bars import FittingRichBar, FittingTqdmBar
+    from finetune.run.model_summary import StageSummary
 
     cb = cfg.callbacks
     mode = cfg.best_mode()
@@ -193,6 +195,8 @@ def build_callbacks(cfg: FinetuneConfig, has_logger: bool = True) -> list[pl.Cal
         FiniteLoss(),
         StageUnfreezer(),
     ]
+    if cfg.trainer.enable_model_summary is not False:
+        callbacks.append(StageSummary())  # instead of Lightning's, which counts a cached prefix as 0
     if cfg.regularization.ema_decay:
         from pytorch_lightning.callbacks import EMAWeightAveraging
 
@@ -203,9 +207,9 @@ def build_callbacks(cfg: FinetuneConfig, has_logger: bool = True) -> list[pl.Cal
     if cb.lr_monitor and has_logger:
         callbacks.append(LearningRateMonitor(logging_interval="epoch"))
     if cb.progress_bar == ProgressBar.rich:
-        callbacks.append(RichProgressBar())
+        callbacks.append(FittingRichBar())
     elif cb.progress_bar == ProgressBar.tqdm:
-        callbacks.append(TQDMProgressBar())
+        callbacks.append(FittingTqdmBar())
     return callbacks
 
 
@@ -250,12 +254,25 @@ def build_loggers(cfg: FinetuneConfig) -> list[Any]:
     return loggers
 
 
-def build_trainer(cfg: FinetuneConfig, callbacks: list[pl.Callback], loggers: list[Any]) -> pl.Trainer:
-    extra: dict[str, Any] = {}
+def build_trainer(cfg: FinetuneConfig, callbacks: list[pl.Callback], loggers: list[Any],
+                  train_images: int | None = None) -> pl.Trainer:
+    """The Trainer; with ``train_images``, step logging no sparser than once per epoch (small data)."""
+    extra: dict[str, Any] = {"enable_model_summary": False}  # StageSummary (build_callbacks) tells the truth
+    if train_images is not None and cfg.trainer.log_every_n_steps is not None:
+        extra["log_every_n_steps"] = logging_interval(cfg, train_images)
     if cfg.callbacks.progress_bar == ProgressBar.none:
         extra["enable_progress_bar"] = False
     return instantiate_node(cfg.trainer, callbacks=callbacks, logger=loggers or False,
                             default_root_dir=cfg.paths.output_dir, plugins=[AtomicCheckpointIO()], **extra)
+
+
+def logging_interval(cfg: FinetuneConfig, train_images: int) -> int:
+    """``trainer.log_every_n_steps``, at most the train batches per epoch and rank: on small data the step
+    loss is then still logged each epoch, and Lightning has no "fewer batches than the interval" to warn of."""
+    devices = cfg.trainer.devices if isinstance(cfg.trainer.devices, int) and cfg.trainer.devices > 0 else 1
+    world = devices * max(1, int(cfg.trainer.num_nodes or 1))
+    batches = max(1, train_images // cfg.data.batch_size // world)
+    return max(1, min(int(cfg.trainer.log_every_n_steps), batches))
 
 
 def check_data(cfg: FinetuneConfig) -> Any:
@@ -274,4 +291,5 @@ def check_data(cfg: FinetuneConfig) -> Any:
     root = root.absolute()
     memo_name = f"{hashlib.sha256(str(root).encode()).hexdigest()[:16]}.json"
     memo = Path(cfg.cache.dir).expanduser() / "data_checks" / memo_name
-    return check_image_tree(root, data.max_pixels, memo=memo)
+    with counted("checking images") as report:
+        return check_image_tree(root, data.max_pixels, progress=report, memo=memo)

@@ -23,6 +23,7 @@ from finetune.config.schema import FinetuneConfig, HeadType
 from finetune.data.features import FeatureCacheDataModule
 from finetune.errors import SetupError
 from finetune.model.module import FinetuneModule
+from finetune.progress import progress
 from finetune.run.builders import build_datamodule, build_module, resolve_augment
 from finetune.run.outputs import write_atomic
 from finetune.run.setup import prepare_run
@@ -87,11 +88,15 @@ def probe(cfg: FinetuneConfig) -> dict[str, Any]:
     grid = np.logspace(np.log10(cfg.strategy.c_min), np.log10(cfg.strategy.c_max), int(cfg.strategy.c_num))
     max_iter = int(cfg.strategy.max_iter)
     scores = []
-    for c in grid:
-        scaler, clf = _fit(x_train, y_train, float(c), max_iter)
-        scores.append(balanced_accuracy_score(y_val, clf.predict(scaler.transform(x_val))))
-    best = int(np.argmax(scores))
-    scaler, clf = _fit(np.concatenate([x_train, x_val]), np.concatenate([y_train, y_val]), float(grid[best]), max_iter)
+    with progress("linear probe: C grid and refit", len(grid) + 1, unit="fits") as advance:
+        for c in grid:
+            scaler, clf = _fit(x_train, y_train, float(c), max_iter)
+            scores.append(balanced_accuracy_score(y_val, clf.predict(scaler.transform(x_val))))
+            advance(1)
+        best = int(np.argmax(scores))
+        scaler, clf = _fit(np.concatenate([x_train, x_val]), np.concatenate([y_train, y_val]), float(grid[best]),
+                           max_iter)
+        advance(1)
     fit_seconds = time.perf_counter() - fit_started
 
     n = splits.num_classes

@@ -13,8 +13,6 @@ import warnings
 # (message regex, category): warnings whose cause is inside a library, not in the user's run
 WARNINGS = (
     (r".*isinstance\(treespec, LeafSpec\)` is deprecated.*", Warning),  # Lightning's pytree copy on torch >= 2.10
-    (r"The number of training batches \(\d+\) is smaller than the logging interval.*", Warning),  # small data:
-    # the epoch metrics are logged at every epoch's end anyway
     (r".*module\(s\) in eval mode.*", Warning),  # frozen stages are in eval on purpose (BatchNorm stays put)
 )
 # Lightning's advertisements, logged at INFO on every run

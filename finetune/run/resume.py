@@ -12,10 +12,12 @@ import random
 import warnings
 from pathlib import Path
 from typing import Any
+from weakref import proxy
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 from finetune.config.identity import describe, differences, only_extends
@@ -29,14 +31,45 @@ log = logging.getLogger(__name__)
 INTERRUPTED_NAME = "interrupted"
 
 
+# What only continuing the training reads: optimizer moments (2x the trainable weights under AdamW),
+# scheduler state, and under EMA the raw (not averaged) weights. Best checkpoints leave them out.
+TRAINING_STATE = ("optimizer_states", "lr_schedulers", "current_model_state")
+WITHOUT = "finetune_without"  # the storage option that names the keys to leave out
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """torch.save to a temp file in the same folder, fsync, then rename over the target."""
+    """torch.save to a temp file in the same folder, fsync, then rename over the target.
+
+    ``storage_options={WITHOUT: keys}`` leaves those top-level keys out of the file (:class:`BestCheckpoint`).
+    """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if isinstance(storage_options, dict) and WITHOUT in storage_options:
+            left_out = set(storage_options[WITHOUT])
+            checkpoint = {k: v for k, v in checkpoint.items() if k not in left_out}
+            storage_options = None
         if "://" in str(path):  # remote storage: Lightning's own transaction-based save
             return super().save_checkpoint(checkpoint, path, storage_options)
         write_atomic(path, lambda f: torch.save(checkpoint, f))
         return None
+
+
+class BestCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint whose files hold the weights, hparams and callback states but no :data:`TRAINING_STATE`.
+
+    Test, predict, export and ``backbone.weights=`` read the weights only; resuming reads last.ckpt or
+    interrupted.ckpt, which keep everything. Unlike ``save_weights_only=True`` the callbacks still write
+    into the file, so under EMA the best checkpoint holds the averaged weights val picked. Mirrors
+    Lightning 2.6's ``_save_checkpoint`` with one storage option more (pyproject pins Lightning < 2.7).
+    """
+
+    def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+        trainer.save_checkpoint(filepath, self.save_weights_only, storage_options={WITHOUT: TRAINING_STATE})
+        self._last_global_step_saved = trainer.global_step
+        self._last_checkpoint_saved = filepath
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.after_save_checkpoint(proxy(self))
 
 
 class RNGState(pl.Callback):
@@ -308,7 +341,8 @@ def check_resume_matches(path: Path, identity: dict[str, Any]) -> None:
     """
     from finetune.model.checkpoints import read_checkpoint
 
-    hp = read_checkpoint(path)["hyper_parameters"]  # refuses code pickles and foreign files, clearly
+    checkpoint = read_checkpoint(path)  # refuses code pickles and foreign files, clearly
+    hp = checkpoint["hyper_parameters"]
     recorded = hp.get("identity")
     if not isinstance(recorded, dict):
         raise SetupError(
@@ -323,4 +357,10 @@ def check_resume_matches(path: Path, identity: dict[str, Any]) -> None:
             f"run must compute what the interrupted one would have; only trainer.max_epochs may grow. Resume with "
             f"the run's own settings (its resolved_config.yaml lists them), or start a new run: resume=null with "
             f"another hydra.run.dir."
+        )
+    if "optimizer_states" not in checkpoint:
+        raise SetupError(
+            f"Cannot resume from '{path}': it holds the weights only (a best checkpoint keeps no optimizer state), "
+            f"so training cannot continue from it exactly. Resume from the run's last.ckpt (resume=auto with its "
+            f"hydra.run.dir), or start a new run from its weights with backbone.weights='{path}'."
         )

@@ -19,6 +19,7 @@ from typing import Any
 from finetune.config.identity import DATA_KEY, describe, differences, only_extends
 from finetune.config.schema import FinetuneConfig
 from finetune.errors import SetupError
+from finetune.progress import is_launch_rank_zero
 from finetune.run.outputs import write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -32,13 +33,6 @@ IDENTITY_NAME = "run_identity.json"  # the run's identity (finetune.config.ident
 
 LOCK_NAME = ".finetune.lock"  # held (flock) by the process running in the folder; the kernel frees it on exit
 _held: dict[Path, int] = {}  # run folder -> the open lock file descriptor of this process
-
-
-def is_launch_rank_zero() -> bool:
-    """Rank 0 of a multi-process launch (Lightning DDP, torchrun, SLURM), or a single process."""
-    import os
-
-    return os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("RANK", "0") == "0"
 
 
 def lock_run_dir(out_dir: Path) -> None:

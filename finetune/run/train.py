@@ -21,6 +21,7 @@ from finetune.config.schema import FinetuneConfig, StrategyName
 from finetune.config.typed import to_typed
 from finetune.data.features import FeatureCacheDataModule
 from finetune.model.module import FinetuneModule
+from finetune.progress import set_style
 from finetune.run.builders import (
     build_callbacks,
     build_datamodule,
@@ -47,6 +48,7 @@ def train(cfg: DictConfig | FinetuneConfig) -> dict[str, Any]:
     """Run one job of the config; returns its summary (a finished identical run's, when resume=auto skips it)."""
     cfg = to_typed(cfg)
     quiet_known_noise()
+    set_style(str(cfg.callbacks.progress_bar))
     if cfg.strategy.name == StrategyName.linear_probe:
         from finetune.run.linear_probe import probe
 
@@ -66,7 +68,8 @@ def fit_and_test(cfg: FinetuneConfig) -> dict[str, Any]:
     fit_module = torch.compile(module) if cfg.speed.compile else module
     loggers = build_loggers(cfg)
     memory = TrainingPeakMemory()
-    trainer = build_trainer(cfg, [*build_callbacks(cfg, has_logger=bool(loggers)), memory], loggers)
+    trainer = build_trainer(cfg, [*build_callbacks(cfg, has_logger=bool(loggers)), memory], loggers,
+                            train_images=len(run.splits.train))
     extra: dict[str, Any] = {}
     module.detach_frozen_prefix()  # on cached features the prefix is not needed until the end: off the device
     try:

@@ -1,0 +1,66 @@
+"""Epoch bars whose metrics fit one terminal line: short names, three decimals, what matters first.
+
+Lightning's bars show every ``prog_bar`` metric under its logged name with all its digits
+(``val/mean_class_acc: 0.6785714030265808``) plus ``v_num``: at 80 columns that wraps into a tall
+column. These bars show ``loss val_acc val_mca ...`` at ``.3f`` and drop, from the end, whatever does
+not fit beside the bar.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Mapping
+from typing import Any
+
+import pytorch_lightning as pl
+from pytorch_lightning.callbacks import RichProgressBar, TQDMProgressBar
+
+# logged name -> name on the bar, in the order shown (the step loss, the epoch's train loss, then val)
+SHORT_NAMES = {
+    "loss": "loss",
+    "train/loss_epoch": "train_loss",
+    "val/acc": "val_acc",
+    "val/mean_class_acc": "val_mca",
+    "val/f1_macro": "val_f1",
+    "val/top5": "val_top5",
+    "val/loss": "val_loss",
+}
+# columns the bar itself takes beside the metrics: description, bar, counts, times, speed
+RICH_BAR_COLUMNS = 52
+TQDM_BAR_COLUMNS = 50
+
+
+def short_metrics(items: Mapping[str, Any], width: int) -> dict[str, str]:
+    """The bar's metrics: short names, values at 3 decimals, at most ``width`` characters in all."""
+    ordered = sorted((k for k in items if k != "v_num"),
+                     key=lambda k: (list(SHORT_NAMES).index(k) if k in SHORT_NAMES else len(SHORT_NAMES), k))
+    shown: dict[str, str] = {}
+    used = 0
+    for key in ordered:
+        name = SHORT_NAMES.get(key, key.replace("/", "_"))
+        value = items[key]
+        text = value if isinstance(value, str) else f"{float(value):.3f}"
+        size = len(name) + len(text) + 3  # "name: value" and the space between metrics
+        if used + size > width:
+            break
+        shown[name] = text
+        used += size
+    return shown
+
+
+def terminal_width() -> int:
+    return shutil.get_terminal_size((80, 24)).columns
+
+
+class FittingRichBar(RichProgressBar):
+    """Lightning's rich bar with :func:`short_metrics`."""
+
+    def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        return short_metrics(super().get_metrics(trainer, pl_module), terminal_width() - RICH_BAR_COLUMNS)
+
+
+class FittingTqdmBar(TQDMProgressBar):
+    """Lightning's tqdm bar with :func:`short_metrics`."""
+
+    def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        return short_metrics(super().get_metrics(trainer, pl_module), terminal_width() - TQDM_BAR_COLUMNS)
