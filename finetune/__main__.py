@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 
 import finetune.config  # noqa: F401  (registers the schema conf/config.yaml starts from)
 from finetune import config_dir
-from finetune.errors import SetupError, report_error
+from finetune.errors import Interrupted, SetupError, report_error
 
 log = logging.getLogger("finetune")
 
@@ -26,11 +26,13 @@ def _run(cfg: DictConfig) -> float | None:
     from pytorch_lightning.utilities.exceptions import SIGTERMException
 
     from finetune.run.console import show_result
+    from finetune.run.interrupts import say_how_to_resume, stop_on_sigterm
     from finetune.run.run_dir import is_launch_rank_zero
     from finetune.run.train import train
 
     started = time.time()
     out_dir = str(cfg.paths.output_dir)
+    stop_on_sigterm()
     try:
         summary = train(cfg)
         if is_launch_rank_zero():
@@ -39,14 +41,17 @@ def _run(cfg: DictConfig) -> float | None:
     except SetupError as err:
         _log_to_file(f"error: {err}")  # the run's finetune.log says why it stopped; the console says it once
         sys.exit(report_error(err))
-    except SIGTERMException:
-        _say_how_to_resume("SIGTERM", out_dir)
+    except (SIGTERMException, Interrupted):
+        say_how_to_resume("SIGTERM", out_dir)
         sys.exit(143)
+    except KeyboardInterrupt:  # Ctrl-C outside fit (the data check)
+        say_how_to_resume("Ctrl-C", out_dir)
+        sys.exit(130)
     except SystemExit as stop:
         # Lightning turns Ctrl-C into exit(1) after our callback saved interrupted.ckpt
         saved = Path(out_dir) / "checkpoints" / "interrupted.ckpt"
         if stop.code == 1 and saved.is_file() and saved.stat().st_mtime >= started:
-            _say_how_to_resume("Ctrl-C", out_dir)
+            say_how_to_resume("Ctrl-C", out_dir)
             sys.exit(130)
         raise
 
@@ -56,11 +61,6 @@ def _log_to_file(message: str) -> None:
     for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.FileHandler):
             handler.handle(record)
-
-
-def _say_how_to_resume(cause: str, out_dir: str) -> None:
-    print(f"interrupted by {cause}: a resumable checkpoint is in {out_dir}/checkpoints; continue "
-          f"with the same command plus resume=auto hydra.run.dir={out_dir}", file=sys.stderr)
 
 
 def main() -> None:

@@ -20,3 +20,13 @@ def report_error(err: SetupError) -> int:
 
     Console(stderr=True, soft_wrap=True).print(Text(f"error: {err}", style="bold red"))
     return err.exit_code
+
+
+class Interrupted(Exception):
+    """A stop signal (SIGTERM) during one of finetune's own phases (data check, feature extraction), where
+    Lightning's graceful stop at the next batch does not reach. Temp files are removed on the way out; the
+    entry point prints how to resume and exits 143."""
+
+    def __init__(self, cause: str) -> None:
+        super().__init__(f"interrupted by {cause}")
+        self.cause = cause

@@ -22,6 +22,12 @@ log = logging.getLogger("finetune.progress")
 STYLES = ("rich", "tqdm", "none")
 LOG_EVERY_S = 30.0
 _style = "rich"
+_active = 0  # phases running now (nested: extraction inside fit)
+
+
+def in_phase() -> bool:
+    """Whether one of the phases reported here is running (a SIGTERM then stops it: finetune.run.interrupts)."""
+    return _active > 0
 
 
 def set_style(style: str) -> None:
@@ -100,6 +106,7 @@ def progress(what: str, total: int | None, unit: str = "images") -> Iterator[Cal
 
     Nothing is logged for a phase that raised: its error says what happened.
     """
+    global _active
     show = is_launch_rank_zero()
     bar = _open_bar(what, total, unit) if show else None
     started = last_line = time.perf_counter()
@@ -116,9 +123,11 @@ def progress(what: str, total: int | None, unit: str = "images") -> Iterator[Cal
                 last_line = now
                 log.info("%s", interim_text(what, done, total, now - started, unit))
 
+    _active += 1
     try:
         yield advance
     finally:
+        _active -= 1
         if bar is not None:
             bar.close()
     if show:

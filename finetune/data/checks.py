@@ -520,12 +520,16 @@ def _decode_all(
     """Decode every file once; Pillow's bomb warning is silenced because our own limit decides."""
     workers = workers or min(8, os.cpu_count() or 1)
     results: dict[Path, _FileResult] = {}
-    with warnings.catch_warnings(), ThreadPoolExecutor(max_workers=workers) as pool:
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        for result in pool.map(lambda path: _decode_one(path, max_pixels), paths):
-            results[result.path] = result
-            if progress is not None:
-                progress(len(results), len(paths))
+    pool = ThreadPoolExecutor(max_workers=workers)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            for result in pool.map(lambda path: _decode_one(path, max_pixels), paths):
+                results[result.path] = result
+                if progress is not None:
+                    progress(len(results), len(paths))
+    finally:  # stopped (SIGTERM, Ctrl-C): the queued files are not decoded first
+        pool.shutdown(wait=True, cancel_futures=True)
     return results
 
 
