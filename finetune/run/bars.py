@@ -15,12 +15,12 @@ from typing import Any
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import RichProgressBar, TQDMProgressBar
 
-# logged name -> name on the bar, in the order shown (the step loss, the epoch's train loss, then val)
+# logged name -> name on the bar, in the order shown: the step loss and the default monitor first
 SHORT_NAMES = {
     "loss": "loss",
-    "train/loss_epoch": "train_loss",
     "val/acc": "val_acc",
     "val/mean_class_acc": "val_mca",
+    "train/loss_epoch": "train_loss",
     "val/f1_macro": "val_f1",
     "val/top5": "val_top5",
     "val/loss": "val_loss",

@@ -15,8 +15,8 @@ WARNINGS = (
     (r".*isinstance\(treespec, LeafSpec\)` is deprecated.*", Warning),  # Lightning's pytree copy on torch >= 2.10
     (r".*module\(s\) in eval mode.*", Warning),  # frozen stages are in eval on purpose (BatchNorm stays put)
 )
-# Lightning's advertisements, logged at INFO on every run
-LOG_PREFIXES = ("💡 Tip:",)
+# Lightning's advertisements and bookkeeping, logged at INFO on every run
+LOG_PREFIXES = ("💡 Tip:", "Loading `train_dataloader` to estimate number of stepping batches")
 
 
 class _DropTips(logging.Filter):
