@@ -18,8 +18,18 @@ def report_error(err: SetupError) -> int:
     from rich.console import Console
     from rich.text import Text
 
-    Console(stderr=True, soft_wrap=True).print(Text(f"error: {err}", style="bold red"))
+    Console(stderr=True, soft_wrap=True).print(Text(f"error: {message_of(err)}", style="bold red"))
     return err.exit_code
+
+
+def message_of(err: Exception) -> str:
+    """The error's own message; one re-raised from a DataLoader worker carries the worker's traceback
+    ("Caught SetupError in DataLoader worker process 0. Original Traceback ..."), whose last line is it."""
+    text = str(err)
+    if "Original Traceback" in text:
+        last = text.rstrip().splitlines()[-1]
+        return last.split(f"{type(err).__name__}: ", 1)[-1]
+    return text
 
 
 class Interrupted(Exception):

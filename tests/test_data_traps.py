@@ -21,6 +21,7 @@ from finetune.cli.check import main as check_main
 from finetune.data.checks import LOOP, OUTSIDE, RELISTED, apply_policy, check_image_tree, image_files
 from finetune.data.datasets import (
     SPLIT_COLUMNS,
+    ImageFileDataset,
     TorchvisionDataset,
     load_digits_splits,
     load_folder_splits,
@@ -353,3 +354,47 @@ def test_min_per_class_refuses_a_tree_with_a_too_small_class(compose_cfg, tmp_pa
                       "data.min_per_class=5", "trainer.max_epochs=1", "logger=none")
     with pytest.raises(SetupError, match=r"data\.min_per_class=5: .* class_2 \(2\)"):
         train(cfg)
+
+
+class _ExplodesOn:
+    """A transform that fails for one picture size, as a resize can for one image and not the others."""
+
+    def __init__(self, size: tuple[int, int]) -> None:
+        self.size = size
+
+    def __call__(self, image: Image.Image):
+        if image.size == self.size:
+            raise MemoryError("cannot allocate 3.65M x 73 px")
+        return np.asarray(image).mean()
+
+
+def _two_images(tmp_path: Path) -> ImageFileDataset:
+    Image.new("RGB", (8, 4)).save(tmp_path / "wide.png")
+    Image.new("RGB", (4, 4)).save(tmp_path / "square.png")
+    return ImageFileDataset([(tmp_path / "wide.png", 0), (tmp_path / "square.png", 1)])
+
+
+def test_a_transform_failure_is_a_reported_skip(tmp_path: Path, caplog) -> None:
+    from finetune.data.datamodule import Transformed
+
+    dataset = Transformed(_two_images(tmp_path), _ExplodesOn((8, 4)), "skip")
+    with caplog.at_level(logging.WARNING):
+        _, label = dataset[0]
+    assert label == 1  # the next image stands in, as for a file that stops decoding
+    assert "wide.png" in caplog.text and "MemoryError" in caplog.text
+
+
+def test_a_transform_failure_under_error_names_the_file_also_from_a_worker(tmp_path: Path) -> None:
+    from torch.utils.data import DataLoader
+
+    from finetune.data.datamodule import Transformed
+    from finetune.errors import message_of
+
+    dataset = Transformed(_two_images(tmp_path), _ExplodesOn((8, 4)), "error")
+    with pytest.raises(SetupError, match=r"wide.png could not be transformed \(MemoryError"):
+        dataset[0]
+    with pytest.raises(SetupError) as raised:
+        list(DataLoader(dataset, batch_size=2, num_workers=1))
+    assert "Original Traceback" in str(raised.value)  # what torch re-raises from a worker
+    message = message_of(raised.value)
+    assert message.startswith(f"{tmp_path / 'wide.png'} could not be transformed") and "\n" not in message

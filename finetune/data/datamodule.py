@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from typing import Any
@@ -9,6 +10,10 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
+
+from finetune.errors import SetupError
+
+log = logging.getLogger(__name__)
 
 
 def resolve_num_workers(value: Any) -> int:
@@ -88,19 +93,45 @@ def private_generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(seed))
 
 
-class Transformed(Dataset):
-    """Applies a transform to (image, label) pairs of another dataset."""
+# What one image's transform may raise (a decoded picture the resize cannot take, memory for one huge
+# image): that image's fault, never the run's. A TypeError or similar is a bug and still propagates.
+TRANSFORM_FAILURES = (OSError, ValueError, RuntimeError, MemoryError)
 
-    def __init__(self, base: Dataset, transform: Callable) -> None:
+
+class Transformed(Dataset):
+    """Applies a transform to (image, label) pairs of another dataset.
+
+    An image whose transform fails is, under ``on_bad_image="skip"``, logged and replaced by the next one
+    (as :class:`~finetune.data.datasets.ImageFileDataset` does for a file that stops decoding); under
+    ``"error"`` it stops the run with a SetupError naming the file.
+    """
+
+    def __init__(self, base: Dataset, transform: Callable, on_bad_image: str = "skip") -> None:
         self.base = base
         self.transform = transform
+        self.on_bad_image = on_bad_image
 
     def __len__(self) -> int:
         return len(self.base)  # type: ignore[arg-type]
 
+    def _name(self, i: int) -> str:
+        samples = getattr(self.base, "samples", None)
+        return str(samples[i][0]) if samples is not None else f"image #{i}"
+
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        image, label = self.base[i]
-        return self.transform(image), label
+        n = len(self)
+        for offset in range(n):
+            j = (i + offset) % n
+            image, label = self.base[j]
+            try:
+                return self.transform(image), label
+            except TRANSFORM_FAILURES as err:
+                reason = f"{type(err).__name__}: {str(err)[:200]}"
+                if self.on_bad_image == "error":
+                    raise SetupError(f"{self._name(j)} could not be transformed ({reason}). Fix or delete it, or "
+                                     f"rerun with data.on_bad_image=skip to train without it.") from None
+                log.warning("skipping %s: its transform failed (%s)", self._name(j), reason)
+        raise SetupError("No image of this split can be transformed; run python -m finetune.check on the data.")
 
 
 class ImageDataModule(pl.LightningDataModule):

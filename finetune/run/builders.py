@@ -144,8 +144,9 @@ def build_datamodule(
     augment = resolve_augment(cfg.data, cfg.strategy.name)
     train_tf = train_transform(prep, augment, cfg.data.hflip)
     eval_tf = eval_transform(prep)
-    images = {"train": Transformed(splits.train, train_tf), "val": Transformed(splits.val, eval_tf),
-              "test": Transformed(splits.test, eval_tf)}
+    policy = str(cfg.data.on_bad_image)
+    images = {"train": Transformed(splits.train, train_tf, policy), "val": Transformed(splits.val, eval_tf, policy),
+              "test": Transformed(splits.test, eval_tf, policy)}
     prefix_len = module.cacheable_prefix
     cached, note = decide_cache(cfg, prefix_len, augment)
     if note:
