@@ -65,7 +65,9 @@ def _log_to_file(message: str) -> None:
 
 def main() -> None:
     from finetune.run.door import admit
+    from finetune.run.interrupts import die_with_launcher
 
+    die_with_launcher()
     try:
         admit(sys.argv[1:])
     except SetupError as err:

@@ -78,3 +78,28 @@ def test_sigterm_during_extraction_then_resume(tmp_path: Path) -> None:
                              timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert (run_dir / "summary.json").is_file()
+
+
+def test_a_rank_above_zero_dies_with_its_launcher(tmp_path: Path) -> None:
+    """PR_SET_PDEATHSIG: a child rank whose launcher is killed with SIGKILL goes too (it would sleep 120 s)."""
+    child = ("import time; from finetune.run.interrupts import die_with_launcher; die_with_launcher(); "
+             "print('armed', flush=True); time.sleep(120)")
+    launcher = (f"import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', {child!r}]); "
+                "print(p.pid, flush=True); time.sleep(120)")
+    parent = subprocess.Popen([sys.executable, "-c", launcher], env={**os.environ, "LOCAL_RANK": "1"},
+                              stdout=subprocess.PIPE, text=True)
+    pid = int(parent.stdout.readline())
+    assert parent.stdout.readline().strip() == "armed"  # the child's line: it imported finetune, set the signal
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and Path(f"/proc/{pid}").exists() and "Z" not in _state(pid):
+        time.sleep(0.1)
+    assert not Path(f"/proc/{pid}").exists() or "Z" in _state(pid), "the child rank outlived its launcher"
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+    except OSError:
+        return "Z"

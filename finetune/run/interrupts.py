@@ -10,6 +10,7 @@ shards are kept).
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from pathlib import Path
@@ -32,6 +33,28 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
 def stop_on_sigterm() -> None:
     """Install the handler (main thread only, as signal handlers must be)."""
     signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def die_with_launcher() -> None:
+    """A rank > 0 dies with the process that launched it (Linux ``PR_SET_PDEATHSIG``).
+
+    Lightning's launcher watches its child ranks and kills everything when one dies, but nothing watches
+    the other way. With gloo (CPU) the children see rank 0's sockets close and fail at once
+    (tests/test_ddp_faults.py); with NCCL they would wait in their next collective for its timeout
+    (10 minutes), holding the GPUs. Under torchrun the parent is its agent, which stops the group itself.
+    """
+    if os.environ.get("LOCAL_RANK", "0") == "0" or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    parent = os.getppid()
+    pr_set_pdeathsig = 1
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGKILL))
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the launcher died before the kernel was told
+        os._exit(1)
 
 
 def resume_hint(cause: str, out_dir: str | Path) -> str:
