@@ -3,8 +3,8 @@
 The data check, the feature extraction, the linear probe's C grid, predict and export all report
 through :func:`progress`: a bar on a terminal (rich or tqdm, as ``callbacks.progress_bar`` says; on
 stderr, gone when the phase ends), a log line every :data:`LOG_EVERY_S` seconds without a terminal
-(logs, SLURM, CI), and one closing line with the count, the time and the rate in every case. Only
-rank 0 of a multi-process launch shows it.
+(logs, SLURM, CI; ``FINETUNE_PROGRESS_EVERY_S`` sets the interval), and one closing line with the count,
+the time and the rate in every case. Only rank 0 of a multi-process launch shows it.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any
 log = logging.getLogger("finetune.progress")
 
 STYLES = ("rich", "tqdm", "none")
-LOG_EVERY_S = 30.0
+LOG_EVERY_S = 30.0  # FINETUNE_PROGRESS_EVERY_S overrides it (0: a line per batch, e.g. for a test harness)
 _style = "rich"
 _active = 0  # phases running now (nested: extraction inside fit)
 
@@ -109,6 +109,7 @@ def progress(what: str, total: int | None, unit: str = "images") -> Iterator[Cal
     global _active
     show = is_launch_rank_zero()
     bar = _open_bar(what, total, unit) if show else None
+    every = float(os.environ.get("FINETUNE_PROGRESS_EVERY_S", LOG_EVERY_S))
     started = last_line = time.perf_counter()
     done = 0
 
@@ -119,7 +120,7 @@ def progress(what: str, total: int | None, unit: str = "images") -> Iterator[Cal
             bar.update(n)
         elif show and _style != "none":
             now = time.perf_counter()
-            if now - last_line >= LOG_EVERY_S:
+            if now - last_line >= every:
                 last_line = now
                 log.info("%s", interim_text(what, done, total, now - started, unit))
 

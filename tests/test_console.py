@@ -49,7 +49,7 @@ def test_without_a_terminal_interim_lines_say_count_rate_and_time_left(caplog, m
 
 def test_style_none_keeps_the_closing_line_only(caplog, monkeypatch) -> None:
     caplog.set_level(logging.INFO, logger="finetune.progress")
-    monkeypatch.setattr(progress_module, "LOG_EVERY_S", 0.0)
+    monkeypatch.setenv("FINETUNE_PROGRESS_EVERY_S", "0")
     set_style("none")
     with progress("predicting", 3) as advance:
         advance(1)

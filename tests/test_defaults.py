@@ -15,10 +15,10 @@ from finetune.run.resume import check_resume_matches
 from finetune.run.train import train
 
 
-def with_default_bar(cfg: DictConfig) -> DictConfig:
+def with_default_bar(cfg: DictConfig, bar: str = "rich") -> DictConfig:
     """Undo the fixture's ``callbacks.progress_bar=none``: the default (rich) bar, as a user gets it."""
     with open_dict(cfg):
-        cfg.callbacks.progress_bar = "rich"
+        cfg.callbacks.progress_bar = bar
     return cfg
 
 
@@ -41,9 +41,10 @@ def test_lr_find_with_default_progress_bar(compose_cfg) -> None:
     assert "train/loss_step" in logged_columns(cfg)
 
 
-def test_default_run_with_default_progress_bar(compose_cfg, caplog, recwarn) -> None:
+@pytest.mark.parametrize("bar", ["rich", "tqdm"])
+def test_default_run_with_default_progress_bar(compose_cfg, caplog, recwarn, bar: str) -> None:
     caplog.set_level(logging.INFO)
-    cfg = with_default_bar(compose_cfg("backbone.weights=none", "data.image_size=32", "trainer.max_epochs=1"))
+    cfg = with_default_bar(compose_cfg("backbone.weights=none", "data.image_size=32", "trainer.max_epochs=1"), bar)
     summary = train(cfg)
     assert "acc" in summary["test"]
     assert summary["global_steps"] > 0
@@ -58,11 +59,11 @@ def test_default_run_with_default_progress_bar(compose_cfg, caplog, recwarn) -> 
     assert f"total {summary['params_total'] / 1e6:,.2f} M" in "\n".join(logged)  # the same as summary.json
 
 
-def test_best_checkpoint_holds_weights_not_training_state(compose_cfg) -> None:
+def test_best_checkpoint_holds_weights_not_training_state(compose_cfg, image_folder) -> None:
     """Best checkpoints leave optimizer and scheduler state out (last.ckpt keeps them, for resume), and a resume
     from one is refused with the way out; its weights are the test's, as before."""
-    cfg = compose_cfg("backbone.weights=none", "data.image_size=32", "trainer.max_epochs=1", "strategy=full_finetune",
-                      "data.augment=false", "logger=none")
+    cfg = compose_cfg("backbone.weights=none", "data=folder", f"data.root={image_folder}", "data.image_size=32",
+                      "data.num_workers=0", "trainer.max_epochs=1", "strategy=full_finetune", "logger=none")
     summary = train(cfg)
     best = torch.load(summary["best_checkpoint"], map_location="cpu", weights_only=True)
     last_path = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"

@@ -173,15 +173,18 @@ def test_gradual_unfreeze_under_two_process_ddp(tmp_path: Path) -> None:
     assert summary["epochs_run"] == 2
 
 
-def test_ema_weights_are_what_test_scores(compose_cfg) -> None:
+def test_ema_weights_are_what_test_scores(compose_cfg, image_folder) -> None:
     """The best checkpoint's averaged weights (what val picked) are tested, not the raw ones."""
-    common = ("backbone.weights=none", "data.image_size=32", "trainer.max_epochs=2", "logger=none",
+    common = ("backbone.weights=none", "data=folder", f"data.root={image_folder}", "data.image_size=32",
+              "data.batch_size=4", "data.num_workers=0", "trainer.max_epochs=2", "logger=none",
               "strategy=partial_unfreeze", "strategy.unfreeze_last=1", "cache.enabled=false")
     raw = train(compose_cfg(*common))
     ema = train(own_dir(compose_cfg(*common, "regularization.ema_decay=0.5"), "ema"))
     assert ema["test"]["loss"] != pytest.approx(raw["test"]["loss"], abs=1e-6)
-    state = torch.load(ema["best_checkpoint"], map_location="cpu", weights_only=True)
-    assert "current_model_state" in state  # raw weights stored beside the averaged ones
+    best = torch.load(ema["best_checkpoint"], map_location="cpu", weights_only=True)
+    last = torch.load(Path(ema["run_dir"]) / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert "averaging_state" in best and "current_model_state" not in best  # averaged weights, no raw copy
+    assert "current_model_state" in last  # the raw weights training continues from
 
 
 def _train_head(fused: str) -> tuple[FinetuneModule, bool | None, list[torch.Tensor]]:
