@@ -135,7 +135,12 @@ def head_alone_peak(width: int, classes: int, batch_size: int, steps: int, devic
 
 
 def headless_backbone(name: str, weights_file: Path) -> tuple[nn.Module, int]:
-    """torchvision's model with the ImageNet classifier replaced by the identity: pooled features out."""
+    """torchvision's model with the ImageNet classifier replaced by the identity: pooled features out.
+
+    The plain loop's own, independent cut: VGG and ResNet only (other families: finetune's stages).
+    """
+    if family(name) not in ("resnet", "vgg"):
+        raise SystemExit(f"--backbone {name}: the plain reference loop cuts VGG and ResNet only")
     with torch.device("meta"):  # no random init: the global RNG is left for the head, as in finetune
         model = torchvision.models.get_model(name, weights=None)
     model.load_state_dict(torch.load(weights_file, map_location="cpu", weights_only=True), assign=True)

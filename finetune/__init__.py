@@ -1,4 +1,4 @@
-"""finetune: transfer learning for ImageNet VGG and ResNet backbones (Hydra + Lightning)."""
+"""finetune: transfer learning from ImageNet backbones (VGG, ResNet, any torchvision classifier), Hydra + Lightning."""
 
 from pathlib import Path
 

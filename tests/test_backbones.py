@@ -1,4 +1,4 @@
-"""Every backbone builds offline, with the right stages and feature width, and loads state_dict files."""
+"""Every VGG and ResNet builds offline, with the right stages and feature width, and loads state_dict files."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import torchvision
 
 from finetune.errors import SetupError
 from finetune.model.backbones import (
-    BACKBONE_NAMES,
+    RESNET_NAMES,
     RESNET_STAGES,
+    VGG_NAMES,
     VGG_STAGES,
     build_backbone,
     load_state_dict_file,
@@ -19,7 +20,7 @@ from finetune.model.backbones import (
 FEATURE_DIMS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048, "resnet152": 2048}
 
 
-@pytest.mark.parametrize("name", BACKBONE_NAMES)
+@pytest.mark.parametrize("name", VGG_NAMES + RESNET_NAMES)  # the other families: tests/test_families.py
 def test_backbone_builds_with_stages_and_feature_width(name: str) -> None:
     backbone = build_backbone(name, "none").eval()
     expected_stages = VGG_STAGES if name.startswith("vgg") else RESNET_STAGES

@@ -31,7 +31,7 @@ from finetune.cli.report import (
 )
 from finetune.cli.report import FIXED_STRATEGIES as STRATEGY_NAMES
 from finetune.errors import SetupError
-from finetune.model.backbones import BACKBONE_NAMES, imagenet_meta
+from finetune.model.backbones import imagenet_meta
 
 BACKBONES = ("resnet18", "vgg11")
 TINY = {"batch_size": 2, "image_size": 32, "steps": 1, "device": "cpu"}
@@ -207,6 +207,6 @@ def test_cli_unknown_backbone_exits_2_naming_the_choices(tmp_path: Path) -> None
     )
     assert result.returncode == 2
     assert "vgg17" in result.stderr
-    assert all(name in result.stderr for name in BACKBONE_NAMES)
+    assert "vgg19" in result.stderr and "families:" in result.stderr
     assert "Traceback" not in result.stderr
     assert not any(tmp_path.iterdir())

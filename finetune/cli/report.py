@@ -43,10 +43,11 @@ from finetune.config.problems import ConfigProblem
 from finetune.config.schema import Choice, StrategyName, at_least
 from finetune.errors import SetupError
 from finetune.model.backbones import (
-    BACKBONE_NAMES,
     Backbone,
     build_backbone,
+    check_image_size,
     check_name,
+    empty_backbone,
     imagenet_meta,
     preprocessing_for,
 )
@@ -60,7 +61,7 @@ from finetune.model.strategies import (
 )
 
 NUM_CLASSES = 10
-MIN_IMAGE_SIZE = 32  # five stride-2 steps in both families; smaller inputs vanish
+MIN_IMAGE_SIZE = 32  # most CNNs downsample 5 times; per-model limits: backbones.check_image_size
 
 # What each memory column measures: the name must say it, since the two are not comparable.
 CUDA_MEMORY_COLUMN = "train_peak_cuda_alloc_mb"
@@ -104,7 +105,8 @@ class ReportSettings:
     """Everything one report run needs; the defaults are what ``python -m finetune.report`` uses."""
 
     backbone: list[str] = field(default_factory=lambda: ["vgg16", "resnet50"], metadata={
-        "doc": f"backbones to measure, comma-separated: {', '.join(BACKBONE_NAMES)}", "metavar": "NAME[,...]"})
+        "doc": "backbones to measure, comma-separated: any torchvision classifier (conf/backbone/ lists them, "
+               "e.g. vgg16,resnet50,convnext_tiny,efficientnet_b0,vit_b_16)", "metavar": "NAME[,...]"})
     strategy: list[StrategyName] = field(default_factory=lambda: [StrategyName(s) for s in FIXED_STRATEGIES],
                                          metadata={"doc": "strategies to measure, comma-separated: "
                                                    + ", ".join(STRATEGY_NAMES), "metavar": "NAME[,...]"})
@@ -126,9 +128,10 @@ class ReportSettings:
 
     def validate(self) -> None:
         if not self.backbone:
-            raise ConfigProblem("backbone", "", "is empty", f"choose from {', '.join(BACKBONE_NAMES)}.")
+            raise ConfigProblem("backbone", "", "is empty", "e.g. backbone=vgg16,resnet50 (conf/backbone/ lists them).")
         for name in self.backbone:
             check_name(name)
+            check_image_size(name, self.image_size)
         if not self.strategy:
             raise ConfigProblem("strategy", "", "is empty", f"choose from {', '.join(STRATEGY_NAMES)}.")
         at_least("batch_size", self.batch_size, 1, "e.g. batch_size=8.")
@@ -216,10 +219,9 @@ def count_flops(model: nn.Module, image_size: int) -> int:
     return int(counter.get_total_flops())
 
 
-def meta_backbone(name: str) -> Backbone:
-    """The backbone's structure without storage: for FLOP counting at any size, instantly."""
-    with torch.device("meta"):
-        return build_backbone(name, weights="none")
+def meta_backbone(name: str, image_size: int | None = None) -> Backbone:
+    """The backbone's structure without storage, built for ``image_size``: for FLOP counting, instantly."""
+    return empty_backbone(name, image_size)
 
 
 def weights_file_mb(model: nn.Module) -> float:
@@ -401,9 +403,10 @@ def measure_backbone(
     _check_strategies(tuple(strategies))
     device = torch.device(device)
     done = on_progress or (lambda _: None)
-    template = build_backbone(name, weights=weights).to(device)
-    structure = meta_backbone(name)
+    template = build_backbone(name, weights=weights, image_size=image_size).to(device)
+    structure = meta_backbone(name, image_size)
     flops = count_flops(structure, image_size)
+    crop = preprocessing_for(name).crop_size
     meta = imagenet_meta(name)
     common = {
         "backbone": name,
@@ -414,7 +417,7 @@ def measure_backbone(
         "total_params": count_params(template),
         "gflops": round(flops / 1e9, 4),
         "gmacs": round(flops / 2e9, 4),
-        "imagenet_gmacs": round(count_flops(structure, preprocessing_for(name).crop_size) / 2e9, 4),
+        "imagenet_gmacs": round(count_flops(meta_backbone(name, crop), crop) / 2e9, 4),
         "weights_mb": round(weights_file_mb(template), 2),
         "forward_img_s": round(forward_images_per_s(template, batch_size, image_size, steps, warmup, device), 2),
         "imagenet_top1": meta["imagenet_top1"],

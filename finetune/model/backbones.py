@@ -1,36 +1,50 @@
-"""Backbone registry: a torchvision model cut into named stages, plus its weights' meta.
+"""Backbone registry: any torchvision classification model cut into named stages, plus its weights' meta.
 
-torchvision already knows every model, its weights, their URLs, transforms and
-ImageNet accuracy; this module only adds what torchvision lacks: the ordered list
-of stages per family and the width of the pooled features.
+torchvision already knows every model, its weights, their URLs, transforms and ImageNet accuracy; this
+module only adds what torchvision lacks: one rule per family (``FAMILIES``) that cuts a model into
+ordered stages ending in pooled features, where its ImageNet classifier sits, and which input sizes it
+takes. Every parameter of the torchvision model but that classifier lives in exactly one stage.
+
+Frozen stages and normalisation: BatchNorm has running statistics, so ``Backbone.train()`` keeps frozen
+stages in eval mode and they never move. LayerNorm (ViT, Swin, ConvNeXt, MaxViT) and GroupNorm keep no
+statistics: for them frozen simply means requires_grad False, and nothing moves either.
 """
 
 from __future__ import annotations
 
+import difflib
 import logging
+import math
 import os
+import re
 import urllib.error
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import Any
 
 import torch
 import torchvision
 from torch import nn
+from torchvision.models.vision_transformer import interpolate_embeddings
+from torchvision.ops.misc import Conv2dNormActivation
 
 from finetune.errors import SetupError
 from finetune.model.frozen_weights import COMPILED_PREFIX, STAGE_KEYS_PREFIX
 
 log = logging.getLogger(__name__)
 
+BACKBONE_NAMES = tuple(torchvision.models.list_models(module=torchvision.models))
 VGG_NAMES = ("vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn")
 RESNET_NAMES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
-BACKBONE_NAMES = VGG_NAMES + RESNET_NAMES
 
 RESNET_STAGES = ("stem", "layer1", "layer2", "layer3", "layer4")
 VGG_STAGES = ("block1", "block2", "block3", "block4", "block5", "fc6", "fc7")
+
+Stages = OrderedDict[str, nn.Module]
 
 
 @dataclass(frozen=True)
@@ -100,8 +114,95 @@ class Backbone(nn.Module):
         return x
 
 
-def _resnet_stages(model: nn.Module) -> OrderedDict[str, nn.Module]:
-    stages: OrderedDict[str, nn.Module] = OrderedDict()
+# --- small modules for what torchvision does inline in a forward ------------------------------------------
+
+
+class TransformInput(nn.Module):
+    """GoogLeNet's and Inception-v3's ``transform_input``: ImageNet-normalised input to the [-1, 1] scaling
+    their ImageNet weights were trained on (torchvision switches it on whenever it loads them).
+
+    On for every weights source, ``none`` too: what a stage computes must not depend on where its tensors came
+    from, or a run's checkpoint given as ``backbone.weights`` to the next run would change its function.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        # torchvision's constants, computed as it does (in Python floats): the same float32 values
+        self.scale = [std / 0.5 for std in (0.229, 0.224, 0.225)]
+        self.shift = [(mean - 0.5) / 0.5 for mean in (0.485, 0.456, 0.406)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = torch.tensor(self.scale, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+        shift = torch.tensor(self.shift, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+        return x * scale + shift
+
+
+class PatchEmbedding(nn.Module):
+    """ViT's input side: patches projected, the class token prepended, position embeddings added.
+
+    Holds torchvision's own conv, class token and position embeddings (one tensor, one name in either model);
+    unlike torchvision it does not assert the input size, the position embeddings' length does.
+    """
+
+    def __init__(self, vit: nn.Module) -> None:
+        super().__init__()
+        self.conv_proj = vit.conv_proj
+        self.class_token = vit.class_token
+        self.pos_embedding = vit.encoder.pos_embedding
+        self.dropout = vit.encoder.dropout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv_proj(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.class_token.expand(x.shape[0], -1, -1), x], dim=1)
+        return self.dropout(x + self.pos_embedding)
+
+
+class ClassToken(nn.Module):
+    """The class token's output: ViT's pooled features."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, 0]
+
+
+# --- one rule per family: a torchvision model -> its ordered stages ---------------------------------------
+
+
+def _pooled() -> list[nn.Module]:
+    """Global average pooling to (B, C): parameter-free, it rides on the last stage."""
+    return [nn.AdaptiveAvgPool2d(1), nn.Flatten(1)]
+
+
+def _sequential(parts: OrderedDict[str, list[nn.Module]], *tail: nn.Module) -> Stages:
+    """Each stage an nn.Sequential of its modules; ``tail`` (pooling, pre-logits) joins the last one."""
+    names = list(parts)
+    return OrderedDict((n, nn.Sequential(*parts[n], *(tail if n == names[-1] else ()))) for n in names)
+
+
+def _pre_logits(classifier: nn.Sequential) -> list[nn.Module]:
+    """The pretrained layers before the final classifier layer; a Dropout right before it belongs to the
+    classifier (the new head has its own ``head.dropout``)."""
+    layers = list(classifier)[:-1]
+    while layers and isinstance(layers[-1], nn.Dropout):
+        layers.pop()
+    return layers
+
+
+def _split_at_pools(features: nn.Sequential) -> OrderedDict[str, list[nn.Module]]:
+    """block1, block2, ...: each ends at a max-pool; layers after the last pool are one more block."""
+    blocks: OrderedDict[str, list[nn.Module]] = OrderedDict()
+    block: list[nn.Module] = []
+    for layer in features:
+        block.append(layer)
+        if isinstance(layer, nn.MaxPool2d):
+            blocks[f"block{len(blocks) + 1}"], block = block, []
+    if block:
+        blocks[f"block{len(blocks) + 1}"] = block
+    return blocks
+
+
+def _resnet_stages(model: nn.Module) -> Stages:
+    """ResNet, ResNeXt, Wide ResNet: stem, layer1..layer4."""
+    stages: Stages = OrderedDict()
     stages["stem"] = nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool)
     for i in range(1, 5):
         stages[f"layer{i}"] = getattr(model, f"layer{i}")
@@ -110,55 +211,331 @@ def _resnet_stages(model: nn.Module) -> OrderedDict[str, nn.Module]:
     return stages
 
 
-def _vgg_stages(model: nn.Module) -> OrderedDict[str, nn.Module]:
-    stages: OrderedDict[str, nn.Module] = OrderedDict()
-    block: list[nn.Module] = []
-    for layer in model.features:
-        block.append(layer)
-        if isinstance(layer, nn.MaxPool2d):
-            stages[f"block{len(stages) + 1}"] = nn.Sequential(*block)
-            block = []
-    cls = model.classifier  # fc6, relu, dropout, fc7, relu, dropout, fc8
+def _vgg_stages(model: nn.Module) -> Stages:
+    """VGG (block1..block5) and AlexNet (block1..block3): conv blocks split at the max-pools, then the
+    pretrained fully connected layers fc6, fc7."""
+    blocks = _split_at_pools(model.features)
+    stages: Stages = OrderedDict((name, nn.Sequential(*block)) for name, block in blocks.items())
+    cls = model.classifier  # VGG: fc6, relu, dropout, fc7, relu, dropout, fc8; AlexNet: dropout first
     stages["fc6"] = nn.Sequential(model.avgpool, nn.Flatten(1), cls[0], cls[1], cls[2])
     stages["fc7"] = nn.Sequential(cls[3], cls[4], cls[5])
     return stages
 
 
-def _stages_of(name: str, model: nn.Module) -> OrderedDict[str, nn.Module]:
-    return _resnet_stages(model) if family(name) == "resnet" else _vgg_stages(model)
+def _squeezenet_stages(model: nn.Module) -> Stages:
+    """block1..block4, split at the max-pools; the pooled output of ``features`` (512-d) is the feature."""
+    return _sequential(_split_at_pools(model.features), *_pooled())
 
 
-def torchvision_keys(name: str) -> dict[str, str]:
-    """finetune's key of every backbone tensor (``backbone.stages.<stage>.<rest>``) -> torchvision's key.
+PLAIN_LAYERS = (nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.ReLU6, nn.Hardswish, nn.SiLU, Conv2dNormActivation)
 
-    Read off the stages themselves: they hold torchvision's own modules, so each tensor has one name
-    in either model (e.g. ``backbone.stages.stem.0.weight`` -> ``conv1.weight``, ``backbone.stages.fc7.0.bias``
-    -> ``classifier.3.bias``). Built on the meta device: no memory, no init.
+
+def _out_width(block: nn.Module) -> int:
+    return [m for m in block.modules() if isinstance(m, nn.Conv2d)][-1].out_channels
+
+
+def _by_width(layers: Sequence[nn.Module]) -> OrderedDict[str, list[nn.Module]]:
+    """stem (the leading plain conv layers), then stage1..stageK: consecutive blocks of one output width
+    (torchvision's rows of inverted residuals); the trailing plain layers, the 1x1 conv up to the feature
+    width, join the last stage."""
+    layers = list(layers)
+    is_block = [not isinstance(m, PLAIN_LAYERS) for m in layers]
+    first, last = is_block.index(True), len(layers) - is_block[::-1].index(True)
+    parts: OrderedDict[str, list[nn.Module]] = OrderedDict(stem=layers[:first])
+    width = None
+    for block in layers[first:last]:
+        if _out_width(block) != width:
+            width = _out_width(block)
+            parts[f"stage{len(parts)}"] = []
+        next(reversed(parts.values())).append(block)
+    next(reversed(parts.values())).extend(layers[last:])
+    return parts
+
+
+def _features_stages(model: nn.Module) -> Stages:
+    """EfficientNet (v1, v2), MobileNet v2 and v3: ``features`` by width, pooled, then the classifier's
+    pretrained layers before its last (MobileNet v3's 1024-wide Linear + Hardswish)."""
+    return _sequential(_by_width(model.features), *_pooled(), *_pre_logits(model.classifier))
+
+
+def _mnasnet_stages(model: nn.Module) -> Stages:
+    """MNASNet: ``layers`` by width, as the features rule."""
+    return _sequential(_by_width(model.layers), *_pooled(), *_pre_logits(model.classifier))
+
+
+def _hierarchical(first: str, features: nn.Sequential) -> OrderedDict[str, list[nn.Module]]:
+    """features = [stem, blocks, downsample, blocks, ...]: stage1 is the first blocks, each downsample opens
+    the next stage (timm's layout)."""
+    layers = list(features)
+    parts: OrderedDict[str, list[nn.Module]] = OrderedDict([(first, [layers[0]]), ("stage1", [layers[1]])])
+    for i in range(2, len(layers), 2):
+        parts[f"stage{len(parts)}"] = layers[i:i + 2]
+    return parts
+
+
+def _convnext_stages(model: nn.Module) -> Stages:
+    """ConvNeXt: stem, stage1..stage4; the classifier's LayerNorm2d is pretrained and rides on stage4."""
+    return _sequential(_hierarchical("stem", model.features), model.avgpool, *_pre_logits(model.classifier))
+
+
+def _swin_stages(model: nn.Module) -> Stages:
+    """Swin v1 and v2 (channels-last inside): patch_embed, stage1..stage4, then the final norm and pooling."""
+    return _sequential(_hierarchical("patch_embed", model.features), model.norm, model.permute, model.avgpool,
+                       model.flatten)
+
+
+def _densenet_stages(model: nn.Module) -> Stages:
+    """DenseNet: stem, block1..block4 (each dense block with the transition after it), then the final norm,
+    ReLU and pooling as DenseNet.forward does them."""
+    parts: OrderedDict[str, list[nn.Module]] = OrderedDict(stem=[])
+    for name, layer in model.features.named_children():
+        if name.startswith("denseblock"):
+            parts[f"block{len(parts)}"] = []
+        next(reversed(parts.values())).append(layer)
+    return _sequential(parts, nn.ReLU(inplace=True), *_pooled())
+
+
+def _numbered(model: nn.Module, pattern: str, label: str, skip: tuple[str, ...]) -> OrderedDict[str, list[nn.Module]]:
+    """Top-level children grouped by the number in their name (inception4a..4e -> inception4): those before
+    the first group are the stem (with ``transform_input``), a pool joins the group before it."""
+    parts: OrderedDict[str, list[nn.Module]] = OrderedDict(stem=[TransformInput()])
+    for name, child in model.named_children():
+        if name in skip:
+            continue
+        match = re.match(pattern, name)
+        if match and f"{label}{match[1]}" not in parts:
+            parts[f"{label}{match[1]}"] = []
+        next(reversed(parts.values())).append(child)
+    return parts
+
+
+def _googlenet_stages(model: nn.Module) -> Stages:
+    """GoogLeNet: stem, inception3, inception4, inception5 (aux heads not built)."""
+    parts = _numbered(model, r"inception(\d)", "inception", ("aux1", "aux2", "avgpool", "dropout", "fc"))
+    return _sequential(parts, model.avgpool, nn.Flatten(1))
+
+
+def _inception_stages(model: nn.Module) -> Stages:
+    """Inception-v3: stem, mixed5, mixed6, mixed7 (aux head not built)."""
+    parts = _numbered(model, r"Mixed_(\d)", "mixed", ("AuxLogits", "avgpool", "dropout", "fc"))
+    return _sequential(parts, model.avgpool, nn.Flatten(1))
+
+
+def _shufflenet_stages(model: nn.Module) -> Stages:
+    """ShuffleNet v2: stem, stage2, stage3, stage4 (torchvision's names; conv5 rides on stage4)."""
+    parts = OrderedDict([("stem", [model.conv1, model.maxpool]), ("stage2", [model.stage2]),
+                         ("stage3", [model.stage3]), ("stage4", [model.stage4, model.conv5])])
+    return _sequential(parts, *_pooled())
+
+
+def _regnet_stages(model: nn.Module) -> Stages:
+    """RegNet: stem, block1..block4 (torchvision's names)."""
+    blocks = model.trunk_output.named_children()
+    parts = OrderedDict([("stem", [model.stem]), *((name, [block]) for name, block in blocks)])
+    return _sequential(parts, model.avgpool, nn.Flatten(1))
+
+
+def _maxvit_stages(model: nn.Module) -> Stages:
+    """MaxViT: stem, stage1..stage4; the pooled LayerNorm + Linear + Tanh before the classifier ride on stage4."""
+    parts = OrderedDict([("stem", [model.stem]), *((f"stage{i + 1}", [block]) for i, block in enumerate(model.blocks))])
+    return _sequential(parts, *_pre_logits(model.classifier))
+
+
+def _vit_stages(model: nn.Module) -> Stages:
+    """ViT: patch_embed (with class token and position embeddings), then one stage per encoder layer,
+    block1..blockN (the granularity of layer-wise LR decay, and of partial_unfreeze); the final LayerNorm and
+    the class token's output ride on the last."""
+    parts = OrderedDict([("patch_embed", [PatchEmbedding(model)]),
+                         *((f"block{i + 1}", [layer]) for i, layer in enumerate(model.encoder.layers))])
+    pre_logits = [m for name, m in model.heads.named_children() if name != "head"]
+    return _sequential(parts, model.encoder.ln, ClassToken(), *pre_logits)
+
+
+# --- which input sizes a family takes ---------------------------------------------------------------------
+
+
+def _patch_size(name: str) -> int:
+    """vit_b_16 -> 16: torchvision names each ViT by its patch size."""
+    return int(name.rsplit("_", 1)[1])
+
+
+def _vit_size_problem(name: str, size: int) -> str | None:
+    patch = _patch_size(name)
+    if size % patch == 0:
+        return None
+    return (f"divisible by {patch}, its patch size: its position embeddings exist for a grid of whole patches "
+            f"(interpolated to that grid when weights of another size are loaded)")
+
+
+def _maxvit_size_problem(name: str, size: int) -> str | None:
+    shapes, side = [], (size + 1) // 2  # the stem halves, then each of the 4 stages
+    for _ in range(4):
+        side = (side + 1) // 2
+        shapes.append(side)
+    if all(s % 7 == 0 for s in shapes):
+        return None
+    return ("whose feature map at every stage (1/4 to 1/32 of the input) divides into its 7x7 attention windows "
+            "and grids")
+
+
+def _any_size(name: str, size: int) -> str | None:
+    return None
+
+
+def _at_least(minimum: int) -> Callable[[str, int], str | None]:
+    def problem(name: str, size: int) -> str | None:
+        if size >= minimum:
+            return None
+        return f">= {minimum}: smaller inputs shrink to nothing before its last stage"
+
+    return problem
+
+
+# --- builder options --------------------------------------------------------------------------------------
+
+
+def _no_options(size: int) -> dict[str, Any]:
+    return {}
+
+
+def _without_aux(size: int) -> dict[str, Any]:
+    """Aux heads are for training from scratch on ImageNet, not part of the features; torchvision's default
+    init (its FutureWarning asks to say so)."""
+    return {"aux_logits": False, "init_weights": True}
+
+
+def _vit_options(size: int) -> dict[str, Any]:
+    return {"image_size": size}
+
+
+def _maxvit_options(size: int) -> dict[str, Any]:
+    return {"input_size": (size, size)}
+
+
+def _as_is(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return state
+
+
+def _vit_positions(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Position embeddings of weights for another input size, interpolated to this model's grid (bicubic,
+    torchvision's ``interpolate_embeddings``, as timm does when it loads a ViT at a new size)."""
+    key = "encoder.pos_embedding"
+    if key not in state or state[key].shape == model.encoder.pos_embedding.shape:
+        return state
+    before = state[key].shape[1] - 1
+    state = interpolate_embeddings(model.image_size, model.patch_size,
+                                   OrderedDict({**state, key: state[key].float()}))
+    side = model.image_size // model.patch_size
+    log.info("Position embeddings interpolated from %dx%d to %dx%d patches (image size %d).",
+             math.isqrt(before), math.isqrt(before), side, side, model.image_size)
+    return state
+
+
+@dataclass(frozen=True)
+class Family:
+    """How one torchvision family becomes a Backbone: the one place to add a family.
+
+    ``cut`` gives the ordered stages (pooled features out of the last); ``head`` is the module path of the
+    ImageNet classifier, dropped when loading and replaced by the task head (its input width is
+    ``feature_dim``); ``aux`` are state_dict prefixes of auxiliary heads that are not built; ``options`` are
+    builder arguments at an input size; ``size_problem`` says what an input size lacks (None: it fits);
+    ``adapt`` fits loaded tensors to the model built (ViT's position embeddings).
     """
-    with torch.device("meta"):
-        model = torchvision.models.get_model(name, weights=None)
-    own = {id(t): key for key, t in model.state_dict(keep_vars=True).items()}
-    stages = nn.ModuleDict(_stages_of(name, model))
-    return {f"{STAGE_KEYS_PREFIX}{key}": own[id(t)] for key, t in stages.state_dict(keep_vars=True).items()}
+
+    cut: Callable[[nn.Module], Stages]
+    head: str
+    size_problem: Callable[[str, int], str | None] = _any_size
+    aux: tuple[str, ...] = ()
+    options: Callable[[int], dict[str, Any]] = _no_options
+    adapt: Callable[[nn.Module, dict[str, torch.Tensor]], dict[str, torch.Tensor]] = _as_is
+
+
+# Minimum sizes: the smallest square input every model of the family pools to a feature (measured by a
+# forward on the meta device; tests/test_families.py checks the minimum works and one pixel less does not).
+FAMILIES: dict[str, Family] = {
+    "alexnet": Family(_vgg_stages, "classifier.6", _at_least(63)),
+    "convnext": Family(_convnext_stages, "classifier.2", _at_least(32)),
+    "densenet": Family(_densenet_stages, "classifier", _at_least(29)),
+    "efficientnet": Family(_features_stages, "classifier.1"),
+    "googlenet": Family(_googlenet_stages, "fc", _at_least(15), aux=("aux1.", "aux2."), options=_without_aux),
+    "inception": Family(_inception_stages, "fc", _at_least(75), aux=("AuxLogits.",), options=_without_aux),
+    "maxvit": Family(_maxvit_stages, "classifier.5", _maxvit_size_problem, options=_maxvit_options),
+    "mnasnet": Family(_mnasnet_stages, "classifier.1"),
+    "mobilenet_v2": Family(_features_stages, "classifier.1"),
+    "mobilenet_v3": Family(_features_stages, "classifier.3"),
+    "regnet": Family(_regnet_stages, "fc"),
+    "resnet": Family(_resnet_stages, "fc"),
+    "shufflenet_v2": Family(_shufflenet_stages, "fc"),
+    "squeezenet": Family(_squeezenet_stages, "classifier.1", _at_least(21)),
+    "swin": Family(_swin_stages, "head", _at_least(4)),
+    "vgg": Family(_vgg_stages, "classifier.6", _at_least(32)),
+    "vit": Family(_vit_stages, "heads.head", _vit_size_problem, options=_vit_options, adapt=_vit_positions),
+}
+# torchvision's module of a builder -> our family word, where they differ.
+_MODULE_FAMILY = {"mobilenetv2": "mobilenet_v2", "mobilenetv3": "mobilenet_v3", "shufflenetv2": "shufflenet_v2",
+                  "swin_transformer": "swin", "vision_transformer": "vit"}
 
 
 def family(name: str) -> str:
+    """The family word of a model (resnet for ResNeXt and Wide ResNet too): the torchvision module that builds
+    it, so no name table; picks the stage rule, and e.g. plot colours."""
     check_name(name)
-    return "vgg" if name.startswith("vgg") else "resnet"
+    module = torchvision.models.get_model_builder(name).__module__.rsplit(".", 1)[-1]
+    return _MODULE_FAMILY.get(module, module)
 
 
 def check_name(name: str) -> None:
-    if name not in BACKBONE_NAMES:
-        raise SetupError(
-            f"Unknown backbone '{name}'. Choose one of: {', '.join(BACKBONE_NAMES)} "
-            f"(e.g. backbone=resnet50)."
-        )
+    if name in BACKBONE_NAMES:
+        return
+    close = difflib.get_close_matches(str(name), BACKBONE_NAMES, n=3, cutoff=0.6)
+    hint = f"Did you mean {', '.join(close[:-1])}{' or ' if len(close) > 1 else ''}{close[-1]}? " if close else ""
+    raise SetupError(
+        f"Unknown backbone '{name}'. {hint}Every torchvision classification model works "
+        f"({len(BACKBONE_NAMES)} of them, families: {', '.join(sorted(FAMILIES))}); each has its file in "
+        f"conf/backbone/ (or see torchvision.models.list_models()), e.g. backbone=resnet50."
+    )
+
+
+def check_image_size(name: str, image_size: int | None) -> None:
+    """Refuse an input size the model cannot take, in one paragraph naming sizes that work; no model is built,
+    so the config door can call it. ``None`` (the weights' own size) always fits."""
+    check_name(name)
+    if image_size is None:
+        return
+    size = int(image_size)
+    problem = FAMILIES[family(name)].size_problem(name, size)
+    if problem is None:
+        return
+    below = next((s for s in range(size - 1, 0, -1) if _fits(name, s)), None)
+    above = next(s for s in range(size + 1, 8 * size + 4096) if _fits(name, s))
+    nearest = [str(s) for s in (below, above) if s is not None]
+    works = f"sizes that work are {' or '.join(nearest)}" if len(nearest) > 1 else f"size that works is {nearest[0]}"
+    raise SetupError(
+        f"Backbone {name} needs data.image_size {problem}; got data.image_size={size}. The nearest {works} "
+        f"(data.image_size=null uses the weights' own, "
+        f"{preprocessing_for(name).crop_size}); or choose another backbone."
+    )
+
+
+def _fits(name: str, size: int) -> bool:
+    return FAMILIES[family(name)].size_problem(name, size) is None
+
+
+def min_image_size(name: str) -> int:
+    """The smallest square input ``name`` takes (for ViT: one patch; MaxViT: see ``check_image_size``)."""
+    check_name(name)
+    return next(s for s in range(1, 4096) if _fits(name, s))
 
 
 def stage_names_of(name: str) -> tuple[str, ...]:
     """The ordered stage names of a backbone, without building it (config checks at the door)."""
     check_name(name)
-    return RESNET_STAGES if family(name) == "resnet" else VGG_STAGES
+    return _stage_names(name)
+
+
+@cache
+def _stage_names(name: str) -> tuple[str, ...]:
+    return tuple(empty_backbone(name).stage_names)
 
 
 def imagenet_weights(name: str) -> torchvision.models.WeightsEnum:
@@ -270,11 +647,12 @@ def strip_prefix(state: dict[str, Any], prefix: str) -> dict[str, Any]:
 
 
 def _load_into(model: nn.Module, name: str, state: dict[str, torch.Tensor], source: str) -> None:
-    """Load backbone weights; the old ImageNet classifier (fc / classifier.6) may differ or lack.
+    """Load backbone weights; the old ImageNet classifier (and aux heads) may differ or lack.
 
     A FinetuneModule's state_dict (a finetune checkpoint's) is taken under torchvision's keys; its
     head, trained for another run's classes, is dropped.
     """
+    rule = FAMILIES[family(name)]
     state = strip_prefix(state, "module.")
     state = strip_prefix(state, "model.")
     state = strip_prefix(state, COMPILED_PREFIX)
@@ -285,11 +663,14 @@ def _load_into(model: nn.Module, name: str, state: dict[str, torch.Tensor], sour
             log.info("%s: %d tensors outside the backbone (the classifier head, e.g. %s) are not used: this run "
                      "builds its own classifier head.", source, len(other), other[0])
         state = {renamed.get(k, k): v for k, v in state.items() if k.startswith(STAGE_KEYS_PREFIX)}
+    # Module versions (MNASNet reads its own): the file's when its keys are as saved, else the model's.
+    metadata = getattr(state, "_metadata", None)
+    state = rule.adapt(model, state)
     own = model.state_dict()
-    head_prefix = "fc." if family(name) == "resnet" else "classifier.6."
-    wanted = {k for k in own if not k.startswith(head_prefix)}
+    ignored = (f"{rule.head}.", *rule.aux)
+    wanted = {k for k in own if not k.startswith(ignored)}
     missing = sorted(wanted - state.keys())
-    unexpected = sorted(k for k in state.keys() - own.keys() if not k.startswith(head_prefix))
+    unexpected = sorted(k for k in state.keys() - own.keys() if not k.startswith(ignored))
     mismatched = sorted(k for k in wanted & state.keys() if state[k].shape != own[k].shape)
     if missing or mismatched or unexpected:
         detail = "; ".join(
@@ -309,26 +690,91 @@ def _load_into(model: nn.Module, name: str, state: dict[str, torch.Tensor], sour
             f"file was saved from a torchvision {name}, or pick the matching backbone=..."
         )
     # The model was built on the meta device: the loaded tensors become its tensors (float32, as built).
-    model.load_state_dict({k: state[k].float() if state[k].is_floating_point() else state[k] for k in wanted},
-                          strict=False, assign=True)
+    loaded = OrderedDict((k, state[k].float() if state[k].is_floating_point() else state[k]) for k in sorted(wanted))
+    loaded._metadata = metadata or own._metadata  # type: ignore[attr-defined]
+    model.load_state_dict(loaded, strict=False, assign=True)
 
 
-def build_backbone(name: str, weights: str | None = "imagenet") -> Backbone:
-    """Build ``name`` with weights 'imagenet', 'none' or a path, cut into its stages."""
+@contextmanager
+def _tensors_on_meta() -> Iterator[None]:
+    """Parameters and buffers go to the meta device as modules register them: no memory, no init.
+
+    ``with torch.device("meta")`` would do for most builders, but RegNet computes its block widths with
+    tensors and reads them back, which meta tensors cannot. The RNG is forked: a build that loads weights
+    leaves the global generator as it found it, for the head.
+    """
+    register_parameter, register_buffer = nn.Module.register_parameter, nn.Module.register_buffer
+
+    def parameter_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None:
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register_parameter(module, name, param)
+
+    def buffer_on_meta(module: nn.Module, name: str, tensor: torch.Tensor | None, persistent: bool = True) -> None:
+        register_buffer(module, name, None if tensor is None else tensor.to("meta"), persistent)
+
+    nn.Module.register_parameter, nn.Module.register_buffer = parameter_on_meta, buffer_on_meta  # type: ignore
+    try:
+        with torch.random.fork_rng(devices=[]):
+            yield
+    finally:
+        nn.Module.register_parameter, nn.Module.register_buffer = register_parameter, register_buffer  # type: ignore
+
+
+def _torchvision_model(name: str, image_size: int | None, empty: bool) -> nn.Module:
+    """torchvision's model, at ``image_size`` where its family builds per size (ViT, MaxViT); ``empty``: on the
+    meta device, for weights to be loaded into or for structure alone."""
+    size = int(image_size) if image_size is not None else preprocessing_for(name).crop_size
+    options = FAMILIES[family(name)].options(size)
+    if not empty:
+        return torchvision.models.get_model(name, weights=None, **options)
+    with _tensors_on_meta():
+        return torchvision.models.get_model(name, weights=None, **options)
+
+
+def _cut(name: str, model: nn.Module) -> Backbone:
+    rule = FAMILIES[family(name)]
+    head = model.get_submodule(rule.head)
+    feature_dim = head.in_features if isinstance(head, nn.Linear) else head.in_channels
+    return Backbone(name, rule.cut(model), int(feature_dim))
+
+
+def torchvision_keys(name: str) -> dict[str, str]:
+    """finetune's key of every backbone tensor (``backbone.stages.<stage>.<rest>``) -> torchvision's key.
+
+    Read off the stages themselves: they hold torchvision's own modules, so each tensor has one name
+    in either model (e.g. ``backbone.stages.stem.0.weight`` -> ``conv1.weight``, ``backbone.stages.fc7.0.bias``
+    -> ``classifier.3.bias``). Built on the meta device: no memory, no init.
+    """
+    model = _torchvision_model(name, None, empty=True)
+    own = {id(t): key for key, t in model.state_dict(keep_vars=True).items()}
+    stages = _cut(name, model).stages
+    return {f"{STAGE_KEYS_PREFIX}{key}": own[id(t)] for key, t in stages.state_dict(keep_vars=True).items()}
+
+
+def empty_backbone(name: str, image_size: int | None = None) -> Backbone:
+    """The backbone's structure on the meta device, without storage: stage names, FLOP counts at any size."""
     check_name(name)
+    check_image_size(name, image_size)
+    return _cut(name, _torchvision_model(name, image_size, empty=True))
+
+
+def build_backbone(name: str, weights: str | None = "imagenet", image_size: int | None = None) -> Backbone:
+    """Build ``name`` with weights 'imagenet', 'none' or a path, cut into its stages.
+
+    ``image_size`` matters to ViT (position embeddings for that grid, interpolated from the weights') and MaxViT
+    (attention partitions); other families take any size. ``None``: the weights' own.
+    """
+    check_name(name)
+    check_image_size(name, image_size)
     source = weights_source(weights)
-    if source == "none":
-        model = torchvision.models.get_model(name, weights=None)
-    else:
-        # Loaded weights replace every tensor: skip the random init (~1.5 s for VGG-16 on a CPU core).
-        with torch.device("meta"):
-            model = torchvision.models.get_model(name, weights=None)
-        if source == "imagenet":
-            _load_into(model, name, _download_imagenet_state_dict(name), "torchvision's ImageNet weights")
-        else:
-            _load_into(model, name, load_state_dict_file(str(weights), name), f"'{weights}'")
-    feature_dim = model.fc.in_features if family(name) == "resnet" else model.classifier[6].in_features
-    return Backbone(name, _stages_of(name, model), feature_dim)
+    # Loaded weights replace every tensor: skip the random init (~1.5 s for VGG-16 on a CPU core).
+    model = _torchvision_model(name, image_size, empty=source != "none")
+    if source == "imagenet":
+        _load_into(model, name, _download_imagenet_state_dict(name), "torchvision's ImageNet weights")
+    elif source == "file":
+        _load_into(model, name, load_state_dict_file(str(weights), name), f"'{weights}'")
+    return _cut(name, model)
 
 
 def imagenet_meta(name: str) -> dict[str, Any]:

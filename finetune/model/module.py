@@ -167,7 +167,8 @@ class FinetuneModule(pl.LightningModule):
             raise SetupError(f"checkpoint_frozen_stages='{checkpoint_frozen_stages}' must be one of {MODES}: "
                              f"reference (rebuild frozen stages from their weights source) or store (keep them in).")
         self.save_hyperparameters()
-        self.backbone = build_backbone(backbone, weights)
+        # built for the crop size: ViT's position embeddings and MaxViT's windows depend on it
+        self.backbone = build_backbone(backbone, weights, image_size=(preprocessing or {}).get("crop_size"))
         self.schedule = unfreeze_schedule(self.backbone.stage_names, strategy, unfreeze_last, milestones,
                                           freeze_epochs)
         self.trainable = trainable_at(self.schedule, 0)

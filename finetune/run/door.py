@@ -155,9 +155,10 @@ def check_paths(cfg: FinetuneConfig) -> None:
 
 
 def check_model(cfg: FinetuneConfig) -> None:
-    """The backbone exists and the strategy fits its stages (range of unfreeze_last, milestones)."""
-    from finetune.model.backbones import stage_names_of
+    """The backbone exists, takes the image size, and the strategy fits its stages (unfreeze_last, milestones)."""
+    from finetune.model.backbones import check_image_size, stage_names_of
     from finetune.model.strategies import unfreeze_schedule
 
+    check_image_size(cfg.backbone.name, cfg.data.image_size)
     unfreeze_schedule(stage_names_of(cfg.backbone.name), str(cfg.strategy.name), cfg.strategy.unfreeze_last,
                       cfg.strategy.milestones, cfg.strategy.freeze_epochs)
