@@ -11,9 +11,10 @@ One table comes out: test accuracy, mean per-class accuracy, best val accuracy, 
 child), CPU time (the child process's user+system seconds: less sensitive to other load on a shared machine),
 peak memory, trainable parameters at the end of training, and the test-accuracy delta against the baseline.
 
-Offline there are no ImageNet weights: the backbone starts from random init (backbone.weights=none), so
-this measures recipes *without* transfer. Recipes made for pretrained backbones (a frozen feature
-extractor, layer-wise LR decay) can rank very differently with real weights.
+By default the backbone starts from random init (backbone.weights=none, offline), which measures recipes
+*without* transfer: recipes made for pretrained backbones (a frozen feature extractor, layer-wise LR decay)
+rank differently with real weights. ``--backbone squeezenet1_1 --weights ../shared/data/squeezenet1_1-imagenet.pth``
+measures real ImageNet transfer with the one pretrained CNN these machines have.
 """
 
 from __future__ import annotations
@@ -90,7 +91,6 @@ def print_machine(info: dict[str, Any]) -> None:
         busy = load[0] > 0.5 * (info["cpu_cores_usable"] or 1)
         print(f"load average (1/5/15 min) at start: {load}"
               + (" (other processes share these cores: wall times are noisy)" if busy else ""))
-    print(CAVEAT)
 
 
 # -------------------------------------------------------------------------------------------------- data
@@ -290,6 +290,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data", choices=("digits", "cifar"), default="digits",
                         help="digits: scikit-learn 8x8 digits; cifar: the real CIFAR-10 subset in ../shared/data")
     parser.add_argument("--backbone", default="resnet18")
+    parser.add_argument("--weights", default="none", metavar="none|imagenet|FILE",
+                        help="backbone.weights for every recipe; e.g. ../shared/data/squeezenet1_1-imagenet.pth with "
+                             "--backbone squeezenet1_1: real ImageNet transfer (default none: random init)")
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=64)
@@ -341,12 +344,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def weights_override(weights: str) -> str:
+    """none / imagenet as given; a file as an absolute path (children run elsewhere)."""
+    return weights if weights in ("none", "imagenet") else str(Path(weights).expanduser().resolve())
+
+
 def base_overrides(args: argparse.Namespace, data: list[str]) -> list[str]:
     device = (["trainer.accelerator=gpu", "trainer.devices=1", "trainer.precision=bf16-mixed"]
               if args.device == "cuda" else ["trainer.accelerator=cpu", "trainer.devices=1", "data.num_workers=0"])
     augment = {"off": ["data.augment=false"], "on": ["data.augment=true"], "config": []}[args.augment]
     return [
-        *data, f"backbone={args.backbone}", "backbone.weights=none", f"data.image_size={args.image_size}",
+        *data, f"backbone={args.backbone}", f"backbone.weights={weights_override(args.weights)}",
+        f"data.image_size={args.image_size}",
         f"data.batch_size={args.batch_size}", f"trainer.max_epochs={args.epochs}", f"seed={args.seed}", *device,
         *augment, "logger=none", "callbacks.progress_bar=none", "trainer.enable_model_summary=false",
     ]
@@ -360,6 +369,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     info = machine(args.device, args.threads)
     print_machine(info)
+    if args.weights == "none":
+        print(CAVEAT)
     with tempfile.TemporaryDirectory(prefix="finetune-ablation-") as tmp:
         workdir = Path(args.keep).expanduser().absolute() if args.keep else Path(tmp)
         workdir.mkdir(parents=True, exist_ok=True)
@@ -390,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
                  if best_val else ""))
     total = time.perf_counter() - started
     print(f"total wall time: {total:.1f} s")
-    print(CAVEAT)
+    print(CAVEAT if args.weights == "none" else f"weights: {args.weights} (pretrained: this measures transfer)")
     if args.json is not None:
         path = Path(args.json).expanduser()
         path.parent.mkdir(parents=True, exist_ok=True)

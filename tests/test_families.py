@@ -375,3 +375,15 @@ def test_backbone_tensors_under_finetune_keys_load_back(name: str, reference: Re
     loaded = build_backbone(name, "finetune_keys.pth", image_size=size_of(name)).state_dict()
     assert loaded.keys() == source.keys()
     assert all(torch.equal(loaded[k], v) for k, v in source.items())
+
+
+def test_report_shows_torchvision_total_beside_the_backbone_alone() -> None:
+    """The study's numbers (VGG-16 138.4 M vs ResNet-50 25.6 M) include the ImageNet classifier; the report
+    shows torchvision's total beside the backbone-only count, so both meet."""
+    from finetune.cli.report import measure_backbone
+
+    (row,) = measure_backbone("squeezenet1_1", ["feature_extractor"], batch_size=1, image_size=32, steps=1,
+                              device="cpu", warmup=0)
+    assert row["imagenet_params"] == imagenet_meta("squeezenet1_1")["num_params"] == 1_235_496
+    assert row["total_params"] == 1_235_496 - (512 * 1000 + 1000)  # less the 1x1-conv ImageNet classifier
+    assert imagenet_meta("vgg16")["num_params"] == 138_357_544 and imagenet_meta("resnet50")["num_params"] == 25_557_032

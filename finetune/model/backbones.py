@@ -59,6 +59,10 @@ class Preprocessing:
         resize = round(image_size * self.resize_size / self.crop_size)
         return Preprocessing(resize, image_size, self.mean, self.std)
 
+    def without_border_crop(self) -> Preprocessing:
+        """Resize to the crop size itself: the centre crop then keeps the whole (square) image."""
+        return Preprocessing(self.crop_size, self.crop_size, self.mean, self.std)
+
 
 class Backbone(nn.Module):
     """Ordered stages ending in pooled features of width ``feature_dim``.

@@ -47,6 +47,8 @@ log = logging.getLogger(__name__)
 
 def build_module(cfg: FinetuneConfig, splits: Splits, identity: dict[str, Any] | None = None) -> FinetuneModule:
     prep = preprocessing_for(cfg.backbone.name).at_size(cfg.data.image_size)
+    if not cfg.data.center_crop:
+        prep = prep.without_border_crop()
     return FinetuneModule(
         backbone=cfg.backbone.name,
         num_classes=splits.num_classes,
