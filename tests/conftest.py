@@ -41,6 +41,18 @@ def checkout_stays_clean():
 
 
 @pytest.fixture
+def one_torch_thread():
+    """Training at 32 px in this process: handing tiny ops between threads costs more than it saves (5-10x on a
+    busy 2-core machine). Subprocesses get the same through OMP_NUM_THREADS=1 in their environment."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def compose_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
     """Compose conf/ exactly as `python -m finetune` does, plus test overrides, output in tmp_path."""
 
@@ -94,6 +106,8 @@ def kill_resume_and_compare(args: Callable[..., list[str]], tmp_path: Path, env:
     """Run once straight; run again, SIGKILL it once epoch N's last.ckpt exists (+``settle`` s, i.e. inside
     the next epoch), resume with resume=auto; assert both end with bit-identical weights.
 
+    The straight run goes on beside the other two (each a single-threaded process with OMP_NUM_THREADS=1 in
+    ``env``, so a 2-core machine runs both at once); its weights do not depend on what else runs.
     ``args(run_dir, *extra)`` builds the command line. Returns (straight_dir, killed_dir).
     """
     import signal
@@ -103,23 +117,43 @@ def kill_resume_and_compare(args: Callable[..., list[str]], tmp_path: Path, env:
     import torch
 
     straight_dir, killed_dir = tmp_path / "straight", tmp_path / "killed"
-    straight = subprocess.run(args(straight_dir), env=env, capture_output=True, text=True, timeout=600)
-    assert straight.returncode == 0, straight.stderr[-2000:]
+    logs = {name: tmp_path / f"{name}.stderr" for name in ("straight", "killed")}
+    running: list[subprocess.Popen] = []
+    for name, run_dir in (("straight", straight_dir), ("killed", killed_dir)):
+        with open(logs[name], "w") as log:  # a file, not a pipe: nobody reads it while the run goes on
+            running.append(subprocess.Popen(args(run_dir), env=env, stdout=subprocess.DEVNULL, stderr=log))
+    straight, proc = running
+    try:
+        last = killed_dir / "checkpoints" / "last.ckpt"
+        deadline, seen = time.monotonic() + 300, None
+        while True:
+            try:  # each save replaces the file (atomic rename): read its epoch once per new file, memory-mapped
+                stat = last.stat()
+                version = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+                if version != seen:
+                    seen = version
+                    if torch.load(last, map_location="cpu", weights_only=True, mmap=True)["epoch"] == kill_after_epoch:
+                        break
+            except FileNotFoundError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, (
+                "the run ended before it could be killed: " + logs["killed"].read_text()[-2000:])
+            time.sleep(0.05)
+        time.sleep(settle)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert torch.load(last, map_location="cpu", weights_only=True)["epoch"] == kill_after_epoch, "killed too late"
+        assert not (killed_dir / "summary.json").exists()
 
-    proc = subprocess.Popen(args(killed_dir), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    last = killed_dir / "checkpoints" / "last.ckpt"
-    deadline = time.monotonic() + 300
-    while not (last.exists() and torch.load(last, map_location="cpu", weights_only=True)["epoch"] == kill_after_epoch):
-        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
-        time.sleep(0.05)
-    time.sleep(settle)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert torch.load(last, map_location="cpu", weights_only=True)["epoch"] == kill_after_epoch, "killed too late"
-    assert not (killed_dir / "summary.json").exists()
-
-    resumed = subprocess.run(args(killed_dir, "resume=auto"), env=env, capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
+        resumed = subprocess.run(args(killed_dir, "resume=auto"), env=env, capture_output=True, text=True,
+                                 timeout=600)
+        assert resumed.returncode == 0, resumed.stderr[-2000:]
+        assert straight.wait(timeout=600) == 0, logs["straight"].read_text()[-2000:]
+    finally:
+        for leftover in running:  # a failed assertion leaves no run behind
+            if leftover.poll() is None:
+                leftover.kill()
+                leftover.wait()
     a = torch.load(straight_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
     b = torch.load(last, map_location="cpu", weights_only=True)["state_dict"]
     assert a.keys() == b.keys()

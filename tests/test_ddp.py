@@ -15,15 +15,19 @@ from tests.conftest import write_image_folder
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
 
 
-def _run(root: Path, run_dir: Path, cache: Path, *extra: str) -> dict:
-    proc = subprocess.run(
-        [sys.executable, "-m", "finetune", "backbone=resnet18", "backbone.weights=none", "data=folder",
-         f"data.root={root}", "data.image_size=32", "data.num_workers=0", "trainer.max_epochs=4",
-         "trainer.accelerator=cpu", "callbacks.progress_bar=none", "optimizer.lr=1e-2", f"cache.dir={cache}",
-         f"hydra.run.dir={run_dir}", *extra],
-        env=ENV, capture_output=True, text=True, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def _start(root: Path, run_dir: Path, cache: Path, *extra: str) -> subprocess.Popen:
+    with open(run_dir.with_suffix(".stderr"), "w") as log:  # beside run_dir; a file, not a pipe: read at the end
+        return subprocess.Popen(
+            [sys.executable, "-m", "finetune", "backbone=resnet18", "backbone.weights=none", "data=folder",
+             f"data.root={root}", "data.image_size=32", "data.num_workers=0", "trainer.max_epochs=4",
+             "trainer.accelerator=cpu", "callbacks.progress_bar=none", "optimizer.lr=1e-2", f"cache.dir={cache}",
+             f"hydra.run.dir={run_dir}", *extra],
+            env=ENV, stdout=subprocess.DEVNULL, stderr=log,
+        )
+
+
+def _summary(proc: subprocess.Popen, run_dir: Path) -> dict:
+    assert proc.wait(timeout=600) == 0, run_dir.with_suffix(".stderr").read_text()[-3000:]
     return json.loads((run_dir / "summary.json").read_text())
 
 
@@ -31,9 +35,17 @@ def _run(root: Path, run_dir: Path, cache: Path, *extra: str) -> dict:
 def test_ddp_two_cpu_processes_match_single_process(tmp_path: Path, strategy: str) -> None:
     root = write_image_folder(tmp_path / "images", classes=4, per_class=16)
     extra = (f"strategy={strategy}", "strategy.unfreeze_last=1", "data.augment=false")
-    single = _run(root, tmp_path / "single", tmp_path / "cache1", *extra, "data.batch_size=8")
-    ddp = _run(root, tmp_path / "ddp", tmp_path / "cache2", *extra, "data.batch_size=4", "trainer=ddp",
-               "trainer.devices=2", "trainer.accelerator=cpu")
+    # Both at once: the DDP ranks wait on each other (gloo) much of the time, and the runs share no files.
+    ddp_proc = _start(root, tmp_path / "ddp", tmp_path / "cache2", *extra, "data.batch_size=4", "trainer=ddp",
+                      "trainer.devices=2", "trainer.accelerator=cpu")
+    try:
+        single = _summary(_start(root, tmp_path / "single", tmp_path / "cache1", *extra, "data.batch_size=8"),
+                          tmp_path / "single")
+        ddp = _summary(ddp_proc, tmp_path / "ddp")
+    finally:
+        if ddp_proc.poll() is None:
+            ddp_proc.kill()
+            ddp_proc.wait()
     assert abs(ddp["test"]["acc"] - single["test"]["acc"]) <= 0.15
     assert ddp["test"]["acc"] > 0.5
     assert ddp["epochs_run"] == single["epochs_run"] == 4

@@ -17,9 +17,18 @@ from finetune.model.checkpoints import load_module
 from finetune.model.frozen_weights import RECORD_KEY
 from finetune.model.module import FinetuneModule
 from finetune.run.train import train
+from tests.conftest import write_image_folder
 
 TINY = ("data.image_size=32", "logger=none", "trainer.max_epochs=2", "data.val_fraction=0.1",
         "data.test_fraction=0.1")
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory) -> tuple[str, ...]:
+    """A small image folder instead of digits, for the tests that count no classes: batch 8, several steps."""
+    root = write_image_folder(tmp_path_factory.mktemp("frozen-data") / "images", classes=3, per_class=16)
+    return ("data=folder", f"data.root={root}", "data.batch_size=8", "data.num_workers=0", "data.check=false")
 
 
 def write_weights(path: Path, seed: int) -> Path:
@@ -39,10 +48,12 @@ def checkpoint(summary: dict, name: str = "last.ckpt") -> dict:
     return torch.load(Path(summary["run_dir"]) / "checkpoints" / name, map_location="cpu", weights_only=True)
 
 
-def test_reference_checkpoints_hold_only_trained_tensors_and_load_like_stored_ones(compose_cfg, tmp_path) -> None:
+def test_reference_checkpoints_hold_only_trained_tensors_and_load_like_stored_ones(compose_cfg, tmp_path,
+                                                                                   small) -> None:
     weights = write_weights(tmp_path / "frozen.pth", seed=1)
-    ref = run(compose_cfg, tmp_path / "ref", f"backbone.weights={weights}")
-    stored = run(compose_cfg, tmp_path / "stored", f"backbone.weights={weights}", "checkpoint_frozen_stages=store")
+    ref = run(compose_cfg, tmp_path / "ref", *small, f"backbone.weights={weights}")
+    stored = run(compose_cfg, tmp_path / "stored", *small, f"backbone.weights={weights}",
+                 "checkpoint_frozen_stages=store")
 
     slim, full = checkpoint(ref), checkpoint(stored)
     assert not [k for k in slim["state_dict"] if k.startswith("backbone.")]  # only the head is left
@@ -59,9 +70,9 @@ def test_reference_checkpoints_hold_only_trained_tensors_and_load_like_stored_on
         assert torch.equal(a(x), b(x))
 
 
-def test_a_changed_or_missing_weights_file_is_refused_on_load(compose_cfg, tmp_path) -> None:
+def test_a_changed_or_missing_weights_file_is_refused_on_load(compose_cfg, tmp_path, small) -> None:
     weights = write_weights(tmp_path / "frozen.pth", seed=1)
-    summary = run(compose_cfg, tmp_path / "ref", f"backbone.weights={weights}", "trainer.max_epochs=1")
+    summary = run(compose_cfg, tmp_path / "ref", *small, f"backbone.weights={weights}", "trainer.max_epochs=1")
     write_weights(weights, seed=2)  # same file name, other tensors
     with pytest.raises(SetupError, match=r"differ.*Restore the weights"):
         load_module(summary["best_checkpoint"])
@@ -103,9 +114,9 @@ def test_detached_prefix_round_trip() -> None:
     assert not module.backbone.stages["stem"].training  # still frozen: BatchNorm in eval
 
 
-def test_resume_and_ema_fill_left_out_stages_when_the_prefix_is_attached(compose_cfg, tmp_path) -> None:
+def test_resume_and_ema_fill_left_out_stages_when_the_prefix_is_attached(compose_cfg, tmp_path, small) -> None:
     weights = write_weights(tmp_path / "frozen.pth", seed=1)
-    common = (f"backbone.weights={weights}", "strategy=partial_unfreeze", "strategy.unfreeze_last=1",
+    common = (*small, f"backbone.weights={weights}", "strategy=partial_unfreeze", "strategy.unfreeze_last=1",
               "cache.enabled=false", "data.augment=false")
     straight = run(compose_cfg, tmp_path / "straight", *common)
     first = run(compose_cfg, tmp_path / "resumed", *common, "trainer.max_epochs=1")

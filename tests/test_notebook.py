@@ -61,6 +61,8 @@ def kernel_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
     monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(tmp_path / "jupyter-runtime"))
     monkeypatch.setenv("IPYTHONDIR", str(tmp_path / "ipython"))
+    # one intra-op thread in the kernel: at batch 2 and 32 px a second one costs more than it gives
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     return KERNEL_NAME
 
 

@@ -21,6 +21,7 @@ from finetune.run.train import train
 from tests.conftest import kill_resume_and_compare, own_dir, write_image_folder
 
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # the in-process trainings; subprocesses get ENV
 
 
 class _Snapshots(pl.Callback):
@@ -146,7 +147,7 @@ def _gradual_args(root: Path, run_dir: Path, *extra: str) -> list[str]:
 
 
 def test_kill_after_milestone_and_resume_equals_uninterrupted(tmp_path: Path) -> None:
-    root = write_image_folder(tmp_path / "images", classes=3, per_class=40)
+    root = write_image_folder(tmp_path / "images", classes=3, per_class=24)  # 29 steps an epoch at batch 2
     # killed right after epoch 2's checkpoint: inside epoch 3, with milestone 1 passed (layer4 training)
     straight_dir, run_dir = kill_resume_and_compare(lambda d, *extra: _gradual_args(root, d, *extra), tmp_path,
                                                     ENV, kill_after_epoch=1)

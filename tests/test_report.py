@@ -39,8 +39,19 @@ TINY = {"batch_size": 2, "image_size": 32, "steps": 1, "device": "cpu"}
 
 @pytest.fixture(scope="module")
 def rows() -> list[dict]:
-    """Measured once, no warm-up: an AdamW step over vgg11's 130M parameters takes seconds on a CPU."""
-    return [row for name in BACKBONES for row in measure_backbone(name, STRATEGY_NAMES, **TINY, warmup=0)]
+    """Measured once, no warm-up: an AdamW step over vgg11's 130M parameters takes seconds on a CPU.
+
+    On one torch thread: at batch 2 and 32 px, a second thread costs more than it gives (2x on a busy 2-core
+    machine); no assertion reads a speed.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return [row for name in BACKBONES for row in measure_backbone(name, STRATEGY_NAMES, **TINY, warmup=0)]
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _row(rows: list[dict], backbone: str, strategy: str) -> dict:
@@ -124,6 +135,7 @@ def test_bad_overrides_say_what_is_valid(token: str, named: str) -> None:
         parse_overrides([token])
 
 
+@pytest.mark.usefixtures("one_torch_thread")
 def test_cli_runs_end_to_end_in_process(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -23,6 +23,7 @@ from finetune.run.train import train
 from tests.conftest import kill_resume_and_compare, write_image_folder
 
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # the in-process trainings; subprocesses get ENV
 
 
 def _args(root: Path, run_dir: Path, *extra: str) -> list[str]:
@@ -47,9 +48,9 @@ def big_folder(tmp_path_factory) -> Path:
 
 
 def test_sigkill_mid_epoch_then_resume_equals_uninterrupted_run(tmp_path: Path, big_folder: Path) -> None:
-    # killed 0.3 s after epoch 1's checkpoint: inside epoch 2
-    kill_resume_and_compare(lambda run_dir, *extra: _args(big_folder, run_dir, *extra), tmp_path, ENV,
-                            kill_after_epoch=0, settle=0.3)
+    # killed 0.3 s after epoch 1's checkpoint: inside epoch 2 (of 24 steps at batch 4: half as many AdamW steps)
+    kill_resume_and_compare(lambda run_dir, *extra: _args(big_folder, run_dir, "data.batch_size=4", *extra),
+                            tmp_path, ENV, kill_after_epoch=0, settle=0.3)
 
 
 @pytest.mark.parametrize(("sent", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["sigterm", "ctrl-c"])
@@ -202,11 +203,11 @@ def test_sweep_skip_refuses_a_finished_run_whose_data_changed(compose_cfg, parti
         train(compose_cfg(*common, "resume=auto"))
 
 
-def test_resume_auto_skips_finished_run(compose_cfg) -> None:
-    cfg = compose_cfg("backbone.weights=none", "data.image_size=32", "trainer.max_epochs=1", "logger=none")
-    first = train(cfg)
-    again = train(compose_cfg("backbone.weights=none", "data.image_size=32", "trainer.max_epochs=1",
-                              "logger=none", "resume=auto"))
+def test_resume_auto_skips_finished_run(compose_cfg, image_folder: Path) -> None:
+    common = ("backbone.weights=none", "data=folder", f"data.root={image_folder}", "data.num_workers=0",
+              "data.image_size=32", "trainer.max_epochs=1", "logger=none")
+    first = train(compose_cfg(*common))
+    again = train(compose_cfg(*common, "resume=auto"))
     assert again["finished_at"] == first["finished_at"]
 
 

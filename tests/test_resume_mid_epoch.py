@@ -15,6 +15,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 from finetune.data.datamodule import EpochSampler, balanced_sampler
 from finetune.model.module import FinetuneModule
 from finetune.run.train import train
+from tests.conftest import write_image_folder
 
 # Lightning's "... dataloader is not resumable. This can cause unreliable results": wrong once the resume is exact
 MID_EPOCH_WARNING = "resuming from a checkpoint that ended before the epoch ended"
@@ -27,6 +28,32 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    """One image folder for the module, so that runs of the same config in different tests are the same run."""
+    return write_image_folder(tmp_path_factory.mktemp("mid-epoch-data") / "images")
+
+
+class StraightRuns:
+    """Uninterrupted runs by their overrides: a test comparing with the same config reuses the finished one."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.done: dict[tuple[str, ...], Path] = {}
+
+    def weights(self, compose_cfg, folder: Path, *extra: str) -> dict[str, torch.Tensor]:
+        if extra not in self.done:
+            out = self.root / f"run{len(self.done)}"
+            train(_cfg(compose_cfg, folder, out, *extra))
+            self.done[extra] = out
+        return _weights(self.done[extra])
+
+
+@pytest.fixture(scope="module")
+def straight_runs(tmp_path_factory) -> StraightRuns:
+    return StraightRuns(tmp_path_factory.mktemp("straight"))
 
 
 def _cfg(compose_cfg, folder: Path, out: Path, *extra: str):
@@ -56,13 +83,14 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
     return torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
 
 
-def _interrupt_resume_compare(compose_cfg, monkeypatch, tmp_path: Path, folder: Path, *extra: str,
-                              at: tuple[int, int] = (1, 2)) -> dict:
-    """Train straight; train again, SIGTERM in batch ``at`` = (epoch, batch), resume=auto; compare weights.
+def _interrupt_resume_compare(compose_cfg, monkeypatch, tmp_path: Path, straight_runs: StraightRuns, folder: Path,
+                              *extra: str, at: tuple[int, int] = (1, 2)) -> dict:
+    """Train straight (or reuse that run); train again, SIGTERM in batch ``at`` = (epoch, batch), resume=auto;
+    compare weights.
 
     Returns the interrupted checkpoint's batch progress in its epoch.
     """
-    train(_cfg(compose_cfg, folder, tmp_path / "straight", *extra))
+    straight = straight_runs.weights(compose_cfg, folder, *extra)
 
     stopped = tmp_path / "stopped"
     _sigterm_during(monkeypatch, *at)
@@ -75,7 +103,7 @@ def _interrupt_resume_compare(compose_cfg, monkeypatch, tmp_path: Path, folder: 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         train(_cfg(compose_cfg, folder, stopped, *extra, "resume=auto"))
-    straight, resumed = _weights(tmp_path / "straight"), _weights(stopped)
+    resumed = _weights(stopped)
     assert straight.keys() == resumed.keys()
     for key in straight:
         assert torch.equal(straight[key], resumed[key]), f"{key} differs after the mid-epoch resume"
@@ -85,18 +113,20 @@ def _interrupt_resume_compare(compose_cfg, monkeypatch, tmp_path: Path, folder: 
 
 @pytest.mark.parametrize("workers", [0, 1])
 def test_sigterm_mid_epoch_then_resume_equals_uninterrupted_run(compose_cfg, monkeypatch, tmp_path: Path,
-                                                                image_folder: Path, workers: int) -> None:
+                                                                straight_runs: StraightRuns, folder: Path,
+                                                                workers: int) -> None:
     # The QA repro: partial fine-tuning on images (no cache), stopped in the second epoch after its 3rd batch.
-    progress = _interrupt_resume_compare(compose_cfg, monkeypatch, tmp_path, image_folder,
+    progress = _interrupt_resume_compare(compose_cfg, monkeypatch, tmp_path, straight_runs, folder,
                                          "strategy=partial_unfreeze", "cache.enabled=false",
                                          f"data.num_workers={workers}", at=(1, 2))
     assert progress["completed"] == 3  # saved mid-epoch
 
 
 def test_mid_epoch_resume_on_cached_features_keeps_the_unfreeze_schedule(compose_cfg, monkeypatch, tmp_path: Path,
-                                                                          image_folder: Path) -> None:
+                                                                          straight_runs: StraightRuns,
+                                                                          folder: Path) -> None:
     # layer4 unfreezes at epoch 1, where the run is stopped; the frozen prefix comes from the feature cache.
-    progress = _interrupt_resume_compare(compose_cfg, monkeypatch, tmp_path, image_folder,
+    progress = _interrupt_resume_compare(compose_cfg, monkeypatch, tmp_path, straight_runs, folder,
                                          "strategy=gradual_unfreeze", "strategy.milestones=[1]", "cache.enabled=true",
                                          "data.num_workers=0", at=(1, 2))
     assert progress["completed"] == 3
@@ -104,10 +134,12 @@ def test_mid_epoch_resume_on_cached_features_keeps_the_unfreeze_schedule(compose
 
 def test_resume_at_an_epoch_boundary_skips_nothing_and_draws_that_epochs_order(compose_cfg, monkeypatch,
                                                                                tmp_path: Path,
-                                                                               image_folder: Path) -> None:
+                                                                               straight_runs: StraightRuns,
+                                                                               folder: Path) -> None:
     # SIGTERM in the last batch of epoch 0: Lightning finishes the epoch, so the checkpoint is at its end. With a
     # worker, Lightning 2.6 alone draws epoch 0's order again for epoch 1 (its issue #21938).
-    progress = _interrupt_resume_compare(compose_cfg, monkeypatch, tmp_path, image_folder,
+    # Same config as test_sigterm_mid_epoch...[1]: compared with the same straight run.
+    progress = _interrupt_resume_compare(compose_cfg, monkeypatch, tmp_path, straight_runs, folder,
                                          "strategy=partial_unfreeze", "cache.enabled=false", "data.num_workers=1",
                                          at=(0, -1))
     assert progress["completed"] == progress["ready"] > 3  # a whole epoch

@@ -20,11 +20,13 @@ os.pwrite(fd, f"{os.getpid()}\\n".encode(), 0)
 print("held", flush=True)
 time.sleep(float(sys.argv[2]))
 """
-TINY = ("backbone.weights=none", "data.image_size=32", "trainer.max_epochs=1", "logger=none")
+TINY = ("backbone.weights=none", "data=folder", "data.image_size=32", "data.num_workers=0", "trainer.max_epochs=1",
+        "logger=none")
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def test_a_second_run_in_a_busy_folder_is_refused_naming_the_holder(compose_cfg) -> None:
-    cfg = compose_cfg(*TINY)
+def test_a_second_run_in_a_busy_folder_is_refused_naming_the_holder(compose_cfg, image_folder: Path) -> None:
+    cfg = compose_cfg(*TINY, f"data.root={image_folder}")
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True)
     holder = subprocess.Popen([sys.executable, "-c", HOLD, str(out / LOCK_NAME), "60"], stdout=subprocess.PIPE,
@@ -40,8 +42,8 @@ def test_a_second_run_in_a_busy_folder_is_refused_naming_the_holder(compose_cfg)
     assert train(cfg)["epochs_run"] == 1  # a killed holder holds nothing: the folder is free again
 
 
-def test_temp_files_of_a_killed_write_are_removed_at_the_next_start(compose_cfg) -> None:
-    cfg = compose_cfg(*TINY)
+def test_temp_files_of_a_killed_write_are_removed_at_the_next_start(compose_cfg, image_folder: Path) -> None:
+    cfg = compose_cfg(*TINY, f"data.root={image_folder}")
     out = Path(cfg.paths.output_dir)
     (out / "checkpoints").mkdir(parents=True)
     left = [out / "checkpoints" / ".best-epoch03.ckpt.k2j4.tmp", out / ".summary.json.x81.tmp"]

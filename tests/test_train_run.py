@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 from finetune.run.train import train
 
-ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "WANDB_MODE": "offline"}
+ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
 
 
 def _run_cli(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -61,6 +61,7 @@ def test_cli_run_on_folder_writes_checkpoint_and_consistent_summary(tmp_path: Pa
     assert summary["device"] == "cpu"
 
 
+@pytest.mark.usefixtures("one_torch_thread")
 def test_digits_default_run_learns(compose_cfg) -> None:
     """The main job on the defaults (digits) composes and learns far above chance (10%)."""
     cfg = compose_cfg("backbone.weights=none", "strategy=partial_unfreeze", "trainer.max_epochs=1",
