@@ -14,7 +14,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 log = logging.getLogger("finetune.progress")
@@ -139,8 +139,6 @@ def progress(what: str, total: int | None, unit: str = "images") -> Iterator[Cal
 def counted(what: str, unit: str = "images") -> Iterator[Callable[[int, int], None]]:
     """:func:`progress` for work that reports ``(done, total)`` itself (the data check): it opens at the first
     report, so work with nothing to do (every file known from an earlier check) shows nothing."""
-    from contextlib import ExitStack
-
     with ExitStack() as stack:
         state: dict[str, Any] = {"advance": None, "done": 0}
 
