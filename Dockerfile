@@ -11,13 +11,15 @@ ARG FINETUNE_UID=1000
 ARG FINETUNE_GID=1000
 
 # FINETUNE_DATA / FINETUNE_CACHE are read by conf/paths/default.yaml; TORCH_HOME is where torchvision
-# looks for (and downloads) ImageNet weights: $TORCH_HOME/hub/checkpoints/<file>.pth.
+# looks for (and downloads) ImageNet weights: $TORCH_HOME/hub/checkpoints/<file>.pth; HF_HOME, beside it on the
+# same volume, is where timm's pretrained weights live (the Hugging Face hub cache).
 ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     FINETUNE_DATA=/data \
     FINETUNE_CACHE=/cache \
     TORCH_HOME=/torch \
+    HF_HOME=/torch/huggingface \
     MPLCONFIGDIR=/tmp/matplotlib
 
 # The volume mount points exist and belong to the runtime user before VOLUME, so named volumes
@@ -33,7 +35,9 @@ WORKDIR /opt/finetune
 COPY pyproject.toml README.md ./
 COPY conf/ conf/
 COPY finetune/ finetune/
-RUN pip install --no-cache-dir .
+# The project with its timm extra: the versions are pyproject.toml's ranges, resolved against the base image's torch.
+# hadolint ignore=DL3013
+RUN pip install --no-cache-dir ".[timm]"
 
 # Numeric, so Kubernetes' runAsNonRoot and the host can tell it is not root without /etc/passwd.
 USER ${FINETUNE_UID}:${FINETUNE_GID}

@@ -14,7 +14,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-import finetune.config  # noqa: F401  (registers the schema conf/config.yaml starts from)
+import finetune.config.schema  # noqa: F401  (registers the schema conf/config.yaml starts from)
 from finetune import config_dir
 from finetune.errors import Interrupted, SetupError, report_error
 

@@ -11,6 +11,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 from PIL import Image
 
+import finetune.config.schema  # noqa: F401  (registers the schema conf/config.yaml starts from)
 from finetune import config_dir
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -30,7 +30,8 @@ def test_backbone_builds_with_stages_and_feature_width(name: str) -> None:
         out = backbone(torch.randn(2, 3, 32, 32))
     assert out.shape == (2, backbone.feature_dim)
     # Stages hold every parameter of the torchvision model except its old ImageNet classifier.
-    reference = torchvision.models.get_model(name, weights=None)
+    with torch.device("meta"):  # structure only: no init of 133 M parameters
+        reference = torchvision.models.get_model(name, weights=None)
     head = reference.fc if name.startswith("resnet") else reference.classifier[6]
     n_ref = sum(p.numel() for p in reference.parameters()) - sum(p.numel() for p in head.parameters())
     assert sum(p.numel() for p in backbone.parameters()) == n_ref
@@ -252,3 +253,17 @@ def test_finetune_checkpoint_with_class_weights_loads_only_its_backbone(tmp_path
     path = tmp_path / "weighted.ckpt"
     torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, path)
     assert_same_tensors(module_keys(build_backbone("resnet18", str(path))), module_keys(module.backbone))
+
+
+def test_interpolation_is_the_weights_own() -> None:
+    """Bicubic where torchvision's transforms for the weights say so, in training and evaluation alike."""
+    from torchvision.transforms import InterpolationMode
+
+    from finetune.data.transforms import eval_transform, train_transform
+
+    assert preprocessing_for("resnet18").interpolation == "bilinear"
+    prep = preprocessing_for("swin_t")
+    assert prep.interpolation == torchvision.models.Swin_T_Weights.DEFAULT.transforms().interpolation.value
+    assert prep.interpolation == "bicubic" and prep.at_size(64).without_border_crop().interpolation == "bicubic"
+    assert eval_transform(prep).transforms[0].interpolation == InterpolationMode.BICUBIC
+    assert train_transform(prep, augment=True).transforms[0].interpolation == InterpolationMode.BICUBIC

@@ -173,7 +173,7 @@ def test_every_shipped_option_composes_against_the_schema(group: str, tmp_path: 
     folder = config_dir() / group
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         for option in sorted(p.stem for p in folder.glob("*.yaml")):
-            extra = [f"data.root={tmp_path}"] if option == "folder" else []
+            extra = {"folder": [f"data.root={tmp_path}"], "timm": ["backbone.name=resnet18"]}.get(option, [])
             cfg = compose("config", overrides=[f"{group}={option}", *extra, f"paths.output_dir={tmp_path}"])
             typed = to_typed(cfg)
             assert isinstance(typed, FinetuneConfig)

@@ -96,7 +96,8 @@ def test_entrypoint_runs_the_installed_package() -> None:
 
 def test_install_line_installs_the_project() -> None:
     installs = [shlex.split(a) for a in args_of("RUN") if re.search(r"\bpip install\b", a)]
-    assert any("." in cmd and "--no-cache-dir" in cmd for cmd in installs), installs
+    assert any({".", ".[timm]"} & set(cmd) and "--no-cache-dir" in cmd for cmd in installs), installs
+    assert "timm" in pyproject()["project"]["optional-dependencies"]  # the extra the image installs
 
 
 def test_copied_paths_exist_and_cover_the_build() -> None:
@@ -127,6 +128,7 @@ def test_volumes_env_and_user() -> None:
     (volume,) = args_of("VOLUME")
     volumes = set(json.loads(volume))
     assert {"/data", "/outputs", "/cache", env["TORCH_HOME"]} <= volumes
+    assert env["HF_HOME"].startswith(env["TORCH_HOME"] + "/")  # timm's weights on the weights volume too
     assert env["FINETUNE_DATA"] == "/data" and env["FINETUNE_CACHE"] == "/cache"
     paths_cfg = (ROOT / "conf" / "paths" / "default.yaml").read_text()
     assert "oc.env:FINETUNE_DATA" in paths_cfg and "oc.env:FINETUNE_CACHE" in paths_cfg

@@ -18,7 +18,7 @@ from torch import nn
 from finetune import config_dir
 from finetune.errors import SetupError
 from finetune.model import backbones
-from finetune.model.backbone_configs import config_text
+from finetune.model.backbone_configs import TIMM_CONFIG, config_text
 from finetune.model.backbones import (
     BACKBONE_NAMES,
     FAMILIES,
@@ -35,7 +35,7 @@ from finetune.model.backbones import (
     stage_names_of,
     torchvision_keys,
 )
-from finetune.model.strategies import freeze_stages, trainable_stages
+from finetune.model.strategies import freeze_stages, param_groups, trainable_stages, unfreeze_schedule
 
 # The smallest model of each family but VGG and ResNet (tests/test_backbones.py); MaxViT takes no input under
 # 221 px, which makes it slow on a CPU.
@@ -117,7 +117,7 @@ def test_backbone_names_are_torchvision_classification_models_each_with_its_conf
     assert set(BACKBONE_NAMES) == set(torchvision.models.list_models(module=torchvision.models))
     assert set(VGG_NAMES + RESNET_NAMES) < set(BACKBONE_NAMES)
     folder = config_dir() / "backbone"
-    assert {p.stem for p in folder.glob("*.yaml")} == set(BACKBONE_NAMES)
+    assert {p.stem for p in folder.glob("*.yaml")} == {*BACKBONE_NAMES, TIMM_CONFIG}  # timm.yaml: any timm model
     stale = [name for name in BACKBONE_NAMES if (folder / f"{name}.yaml").read_text() != config_text(name)]
     assert not stale, f"run python -m finetune.model.backbone_configs ({stale[:3]})"
     assert {family(name) for name in BACKBONE_NAMES} == set(FAMILIES)
@@ -316,6 +316,28 @@ def test_other_heads_and_aux_heads_are_dropped_when_loading(name: str, reference
     del state[next(k for k in state if not ignored(name, k))]
     with pytest.raises(SetupError, match=rf"do not fit backbone '{name}' \(missing 1 tensors"):
         build_backbone(name, "one_missing.pth", image_size=size_of(name))
+
+
+@pytest.mark.parametrize("name", sorted(STRUCTURE))
+def test_every_strategy_and_layer_decay_step_through_the_family_stages(name: str) -> None:
+    """On the meta device: each strategy's schedule names this family's stages, and layer decay gives every
+    stage its own LR, falling towards the input, with every parameter in exactly one optimizer group."""
+    backbone = empty_backbone(name)
+    names = backbone.stage_names
+    n = len(names)
+    assert unfreeze_schedule(names, "feature_extractor") == [(0, [])]
+    assert unfreeze_schedule(names, "full_finetune") == [(0, names)]
+    assert unfreeze_schedule(names, "partial_unfreeze", unfreeze_last=2) == [(0, names[-2:])]
+    assert unfreeze_schedule(names, "freeze_then_finetune", freeze_epochs=1) == [(0, []), (1, names)]
+    gradual = unfreeze_schedule(names, "gradual_unfreeze", milestones=list(range(1, n + 1)))
+    assert [stages for _, stages in gradual] == [[], *([s] for s in reversed(names))]
+    head = torch.nn.Linear(backbone.feature_dim, 3, device="meta")
+    groups = param_groups(backbone, head, lr=1.0, weight_decay=0.0, backbone_lr_ratio=0.1, layer_decay=0.5,
+                          stages=names)
+    lr = {g["stage"]: g["lr"] for g in groups if g["stage"]}
+    assert [lr[s] for s in names] == [0.5 ** (n - i) for i in range(n)]
+    grouped = [id(p) for g in groups for p in g["params"]]
+    assert sorted(grouped) == sorted(id(p) for p in [*backbone.parameters(), *head.parameters()])
 
 
 @pytest.mark.parametrize("name", ON_CPU)

@@ -53,22 +53,36 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted_run(tmp_path: Path, 
                             tmp_path, ENV, kill_after_epoch=0, settle=0.3)
 
 
-@pytest.mark.parametrize(("sent", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["sigterm", "ctrl-c"])
-def test_interrupt_saves_resumable_checkpoint(tmp_path: Path, big_folder: Path, sent: int, code: int) -> None:
-    run_dir = tmp_path / "run"
-    proc = subprocess.Popen(_args(big_folder, run_dir, "trainer.max_epochs=2"), env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    _wait_for(run_dir / "csv" / "hparams.yaml", proc)  # training has started
-    time.sleep(1.0)
-    proc.send_signal(sent)
-    _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == code, stderr[-2000:]
-    assert "resume=auto" in stderr and "Traceback" not in stderr
-    assert (run_dir / "checkpoints" / "interrupted.ckpt").is_file()
-    resumed = subprocess.run(_args(big_folder, run_dir, "trainer.max_epochs=2", "resume=auto"), env=ENV,
-                             capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert (run_dir / "summary.json").is_file()
+def test_interrupt_saves_resumable_checkpoint(tmp_path: Path, big_folder: Path) -> None:
+    """SIGTERM (143) and Ctrl-C (130) mid-training each save interrupted.ckpt, print how to resume, and
+    resume=auto finishes. The two runs go side by side (one torch thread each): they share no files."""
+    cases = {"sigterm": (signal.SIGTERM, 143), "ctrl-c": (signal.SIGINT, 130)}
+    runs = {case: tmp_path / case for case in cases}
+    procs = {case: subprocess.Popen(_args(big_folder, runs[case], "trainer.max_epochs=2"), env=ENV,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for case in cases}
+    resumed: dict[str, subprocess.Popen] = {}
+    try:
+        for case, (sent, _code) in cases.items():
+            _wait_for(runs[case] / "csv" / "hparams.yaml", procs[case])  # training has started
+            time.sleep(1.0)
+            procs[case].send_signal(sent)
+        for case, (_sent, code) in cases.items():
+            _, stderr = procs[case].communicate(timeout=120)
+            assert procs[case].returncode == code, f"{case}: {stderr[-2000:]}"
+            assert "resume=auto" in stderr and "Traceback" not in stderr, f"{case}: {stderr[-2000:]}"
+            assert (runs[case] / "checkpoints" / "interrupted.ckpt").is_file(), case
+        resumed.update({case: subprocess.Popen(_args(big_folder, runs[case], "trainer.max_epochs=2", "resume=auto"),
+                                               env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                        for case in cases})
+        for case, proc in resumed.items():
+            _, stderr = proc.communicate(timeout=600)
+            assert proc.returncode == 0, f"{case}: {stderr[-2000:]}"
+            assert (runs[case] / "summary.json").is_file(), case
+    finally:
+        for proc in [*procs.values(), *resumed.values()]:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
 
 
 def test_interrupted_write_never_replaces_a_good_checkpoint(tmp_path: Path, monkeypatch) -> None:

@@ -26,7 +26,7 @@ from rich.text import Text
 
 from finetune.cli.args import run_command
 from finetune.errors import SetupError
-from finetune.run.run_dir import SUMMARY_NAME
+from finetune.run.files import SUMMARY_NAME
 
 MISSING = "-"
 

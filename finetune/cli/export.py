@@ -145,8 +145,9 @@ def inference_network(module: FinetuneModule) -> nn.Sequential:
     stage for cached features); exporters need none of it, and a plain Sequential traces,
     scripts and exports the same way with every exporter.
     """
-    stages = list(module.backbone.stages.values())
-    return nn.Sequential(*stages, module.head).eval()
+    features = module.backbone.network()  # a timm model: the model whole, as timm scripts and exports it
+    parts = list(features) if isinstance(features, nn.Sequential) else [features]
+    return nn.Sequential(*parts, module.head).eval()
 
 
 def export_onnx(network: nn.Module, example: torch.Tensor, path: Path, opset: int = OPSET) -> None:
@@ -269,9 +270,10 @@ def preprocessing_json(module: FinetuneModule, fmt: str, model_file: str, opset:
         "crop_size": prep.crop_size,
         "mean": list(prep.mean),
         "std": list(prep.std),
+        "interpolation": prep.interpolation,
         "steps": [
             "decode to 8-bit RGB (EXIF orientation applied, alpha composited on white)",
-            f"resize the shorter side to {prep.resize_size} (bilinear, antialiased)",
+            f"resize the shorter side to {prep.resize_size} ({prep.interpolation}, antialiased)",
             f"center crop {prep.crop_size}x{prep.crop_size}",
             "scale to 0..1 (divide by 255)",
             "subtract mean, divide by std (per channel)",

@@ -55,6 +55,14 @@ class Choice(str, Enum):
         return format(str(self.value), spec)
 
 
+TIMM_PREFIX = "timm/"  # the id of a timm model below the door: timm/<timm name> (conf/backbone/timm.yaml)
+
+
+class BackboneLibrary(Choice):
+    torchvision = "torchvision"
+    timm = "timm"
+
+
 class StrategyName(Choice):
     feature_extractor = "feature_extractor"
     partial_unfreeze = "partial_unfreeze"
@@ -150,8 +158,16 @@ def unused(key: str, value: Any, where: str) -> None:
 
 @dataclass
 class BackboneConfig:
-    name: str = result(MISSING, doc="torchvision model name (conf/backbone/ lists them)")
+    name: str = result(MISSING, doc="torchvision model name (conf/backbone/ lists them), or timm's (library=timm)")
     weights: str = result("imagenet", doc="imagenet | none | path to a state_dict or finetune checkpoint")
+    library: BackboneLibrary = result(BackboneLibrary.torchvision, doc="torchvision | timm (backbone=timm sets it)")
+
+    def __post_init__(self) -> None:
+        # One id per model below the door (summary.json, checkpoints, the registry): a timm model's is timm/<name>.
+        if self.library == BackboneLibrary.timm and not str(self.name).startswith(TIMM_PREFIX):
+            self.name = f"{TIMM_PREFIX}{self.name}"
+        elif str(self.name).startswith(TIMM_PREFIX):
+            self.library = BackboneLibrary.timm
 
     def validate(self) -> None:
         if not str(self.weights).strip():
@@ -542,3 +558,6 @@ def register() -> None:
     from hydra.core.config_store import ConfigStore
 
     ConfigStore.instance().store(name="finetune_schema", node=FinetuneConfig)
+
+
+register()

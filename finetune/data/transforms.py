@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from torchvision.transforms import v2
+from torchvision.transforms import InterpolationMode, v2
 
 from finetune.model.backbones import Preprocessing
 
@@ -18,7 +18,8 @@ def _to_normalized_tensor(prep: Preprocessing) -> list:
 def eval_transform(prep: Preprocessing) -> v2.Compose:
     """Resize + center crop + normalise: the weights' eval protocol (deterministic)."""
     return v2.Compose(
-        [v2.Resize(prep.resize_size, antialias=True), v2.CenterCrop(prep.crop_size), *_to_normalized_tensor(prep)]
+        [v2.Resize(prep.resize_size, interpolation=InterpolationMode(prep.interpolation), antialias=True),
+         v2.CenterCrop(prep.crop_size), *_to_normalized_tensor(prep)]
     )
 
 
@@ -28,7 +29,8 @@ def train_transform(
     """RandomResizedCrop (+ flip) when ``augment``; otherwise exactly the eval transform."""
     if not augment:
         return eval_transform(prep)
-    steps: list = [v2.RandomResizedCrop(prep.crop_size, scale=tuple(scale), antialias=True)]
+    steps: list = [v2.RandomResizedCrop(prep.crop_size, scale=tuple(scale),
+                                        interpolation=InterpolationMode(prep.interpolation), antialias=True)]
     if hflip:
         steps.append(v2.RandomHorizontalFlip())
     return v2.Compose(steps + _to_normalized_tensor(prep))

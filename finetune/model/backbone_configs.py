@@ -13,6 +13,8 @@ from pathlib import Path
 from finetune import config_dir
 from finetune.model.backbones import BACKBONE_NAMES
 
+TIMM_CONFIG = "timm"  # conf/backbone/timm.yaml: any timm model, written by hand
+
 
 def config_text(name: str) -> str:
     """The one shape every backbone option has: the name, ImageNet weights by default."""
@@ -41,7 +43,7 @@ def write_configs(folder: Path) -> list[Path]:
 def main() -> int:
     folder = config_dir() / "backbone"
     changed = write_configs(folder)
-    stale = sorted(p.name for p in folder.glob("*.yaml") if p.stem not in BACKBONE_NAMES)
+    stale = sorted(p.name for p in folder.glob("*.yaml") if p.stem not in (*BACKBONE_NAMES, TIMM_CONFIG))
     print(f"{len(BACKBONE_NAMES)} backbone configs in {folder}: {len(changed)} written.")
     if stale:
         print(f"Not a torchvision model (left as they are; remove them if unused): {', '.join(stale)}",

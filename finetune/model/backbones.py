@@ -28,6 +28,7 @@ import torch
 import torchvision
 from torch import nn
 
+from finetune.config.schema import TIMM_PREFIX  # timm models: built by finetune.model.timm_backbones
 from finetune.errors import SetupError
 from finetune.model.families import FAMILIES, MODULE_FAMILY
 from finetune.model.frozen_weights import COMPILED_PREFIX, STAGE_KEYS_PREFIX
@@ -51,17 +52,18 @@ class Preprocessing:
     crop_size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    interpolation: str = "bilinear"  # torchvision's InterpolationMode value: bicubic for weights trained so
 
     def at_size(self, image_size: int | None) -> Preprocessing:
         """Same crop fraction and normalisation at another crop size (tiny test images)."""
         if image_size is None or image_size == self.crop_size:
             return self
         resize = round(image_size * self.resize_size / self.crop_size)
-        return Preprocessing(resize, image_size, self.mean, self.std)
+        return Preprocessing(resize, image_size, self.mean, self.std, self.interpolation)
 
     def without_border_crop(self) -> Preprocessing:
         """Resize to the crop size itself: the centre crop then keeps the whole (square) image."""
-        return Preprocessing(self.crop_size, self.crop_size, self.mean, self.std)
+        return Preprocessing(self.crop_size, self.crop_size, self.mean, self.std, self.interpolation)
 
 
 class Backbone(nn.Module):
@@ -113,11 +115,28 @@ class Backbone(nn.Module):
             x = self.stages[name](x)
         return x
 
+    def network(self) -> nn.Module:
+        """Image -> pooled features as one plain module, for export: the stages in a row."""
+        return nn.Sequential(*self.stages.values())
+
+
+def is_timm(name: str) -> bool:
+    return str(name).startswith(TIMM_PREFIX)
+
+
+def _timm() -> Any:
+    """finetune.model.timm_backbones, imported when a timm model is named (it imports timm, an optional extra)."""
+    from finetune.model import timm_backbones
+
+    return timm_backbones
+
 
 def family(name: str) -> str:
     """The family word of a model (resnet for ResNeXt and Wide ResNet too): the torchvision module that builds
-    it, so no name table; picks the stage rule, and e.g. plot colours."""
+    it, so no name table; picks the stage rule, and e.g. plot colours. Every timm model: ``timm``."""
     check_name(name)
+    if is_timm(name):
+        return "timm"
     module = torchvision.models.get_model_builder(name).__module__.rsplit(".", 1)[-1]
     return MODULE_FAMILY.get(module, module)
 
@@ -125,12 +144,16 @@ def family(name: str) -> str:
 def check_name(name: str) -> None:
     if name in BACKBONE_NAMES:
         return
+    if is_timm(name):
+        _timm().check_timm_name(name)
+        return
     close = difflib.get_close_matches(str(name), BACKBONE_NAMES, n=3, cutoff=0.6)
     hint = f"Did you mean {', '.join(close[:-1])}{' or ' if len(close) > 1 else ''}{close[-1]}? " if close else ""
     raise SetupError(
         f"Unknown backbone '{name}'. {hint}Every torchvision classification model works "
         f"({len(BACKBONE_NAMES)} of them, families: {', '.join(sorted(FAMILIES))}); each has its file in "
-        f"conf/backbone/ (or see torchvision.models.list_models()), e.g. backbone=resnet50."
+        f"conf/backbone/ (or see torchvision.models.list_models()), e.g. backbone=resnet50; a timm model: "
+        f"backbone=timm backbone.name=<timm model>."
     )
 
 
@@ -138,6 +161,9 @@ def check_image_size(name: str, image_size: int | None) -> None:
     """Refuse an input size the model cannot take, in one paragraph naming sizes that work; no model is built,
     so the config door can call it. ``None`` (the weights' own size) always fits."""
     check_name(name)
+    if is_timm(name):
+        _timm().check_timm_image_size(name, image_size)
+        return
     if image_size is None:
         return
     size = int(image_size)
@@ -162,6 +188,9 @@ def _fits(name: str, size: int) -> bool:
 def min_image_size(name: str) -> int:
     """The smallest square input ``name`` takes (for ViT: one patch; MaxViT: see ``check_image_size``)."""
     check_name(name)
+    if is_timm(name):
+        raise SetupError(f"{name}: the smallest input size of a timm model is not known without trying; "
+                         f"check_image_size says whether one size fits.")
     return next(s for s in range(1, 4096) if _fits(name, s))
 
 
@@ -177,22 +206,29 @@ def _stage_names(name: str) -> tuple[str, ...]:
 
 
 def imagenet_weights(name: str) -> torchvision.models.WeightsEnum:
-    """torchvision's best ImageNet weights for this model (the DEFAULT entry)."""
+    """torchvision's best ImageNet weights for this model (the DEFAULT entry); for a timm model, the hub id of
+    its pretrained tag (what ``imagenet`` loads)."""
     check_name(name)
+    if is_timm(name):
+        return _timm().weights_tag(name)
     return torchvision.models.get_model_weights(name).DEFAULT
 
 
 def preprocessing_for(name: str) -> Preprocessing:
     """Resize, crop, mean and std from the ImageNet weights' own transforms.
 
-    Used for every weights source: a file or ``none`` still expects ImageNet-style input.
+    Used for every weights source: a file or ``none`` still expects ImageNet-style input. A timm model's come
+    from its pretrained config (interpolation too: bicubic for most).
     """
+    if is_timm(name):
+        return _timm().timm_preprocessing(name)
     t = imagenet_weights(name).transforms()
     return Preprocessing(
         resize_size=int(t.resize_size[0]),
         crop_size=int(t.crop_size[0]),
         mean=tuple(t.mean),
         std=tuple(t.std),
+        interpolation=str(t.interpolation.value),
     )
 
 
@@ -382,8 +418,10 @@ def torchvision_keys(name: str) -> dict[str, str]:
 
     Read off the stages themselves: they hold torchvision's own modules, so each tensor has one name
     in either model (e.g. ``backbone.stages.stem.0.weight`` -> ``conv1.weight``, ``backbone.stages.fc7.0.bias``
-    -> ``classifier.3.bias``). Built on the meta device: no memory, no init.
+    -> ``classifier.3.bias``). Built on the meta device: no memory, no init. A timm model: timm's keys.
     """
+    if is_timm(name):
+        return _timm().timm_keys(name)
     model = _torchvision_model(name, None, empty=True)
     own = {id(t): key for key, t in model.state_dict(keep_vars=True).items()}
     stages = _cut(name, model).stages
@@ -394,6 +432,8 @@ def empty_backbone(name: str, image_size: int | None = None) -> Backbone:
     """The backbone's structure on the meta device, without storage: stage names, FLOP counts at any size."""
     check_name(name)
     check_image_size(name, image_size)
+    if is_timm(name):
+        return _timm().timm_empty_backbone(name, image_size)
     return _cut(name, _torchvision_model(name, image_size, empty=True))
 
 
@@ -405,6 +445,8 @@ def build_backbone(name: str, weights: str | None = "imagenet", image_size: int 
     """
     check_name(name)
     check_image_size(name, image_size)
+    if is_timm(name):
+        return _timm().timm_build_backbone(name, weights, image_size)
     source = weights_source(weights)
     # Loaded weights replace every tensor: skip the random init (~1.5 s for VGG-16 on a CPU core).
     model = _torchvision_model(name, image_size, empty=source != "none")
@@ -417,6 +459,8 @@ def build_backbone(name: str, weights: str | None = "imagenet", image_size: int 
 
 def imagenet_meta(name: str) -> dict[str, Any]:
     """ImageNet accuracy, params and GFLOPs as torchvision's weights meta states them."""
+    if is_timm(name):
+        return _timm().timm_meta(name)
     meta = imagenet_weights(name).meta
     metrics = meta.get("_metrics", {}).get("ImageNet-1K", {})
     return {

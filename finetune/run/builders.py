@@ -62,7 +62,7 @@ def build_module(cfg: FinetuneConfig, splits: Splits, identity: dict[str, Any] |
         scheduler=plain(cfg.scheduler),
         label_smoothing=float(cfg.loss.label_smoothing),
         preprocessing={"resize_size": prep.resize_size, "crop_size": prep.crop_size,
-                       "mean": list(prep.mean), "std": list(prep.std)},
+                       "mean": list(prep.mean), "std": list(prep.std), "interpolation": prep.interpolation},
         milestones=list(cfg.strategy.milestones or []) or None,
         freeze_epochs=cfg.strategy.freeze_epochs,
         class_weights=resolve_class_weights(cfg.loss.class_weights, splits),
@@ -168,7 +168,7 @@ def build_datamodule(
         "views": views,
         "dtype": str(cfg.cache.dtype),
     }
-    folder = Path(cfg.cache.dir).expanduser() / f"{cfg.backbone.name}-{cache_key(meta)}"
+    folder = Path(cfg.cache.dir).expanduser() / f"{cfg.backbone.name.replace('/', '_')}-{cache_key(meta)}"
     module.input_stage = prefix_len
     return FeatureCacheDataModule(
         images, frozen_prefix(module.backbone, prefix_len), folder, meta, batch_size=cfg.data.batch_size,

@@ -20,14 +20,12 @@ from finetune.config.identity import DATA_KEY, describe, differences, only_exten
 from finetune.config.schema import FinetuneConfig
 from finetune.errors import SetupError
 from finetune.progress import is_launch_rank_zero
+from finetune.run.files import CONFIG_NAME, SPLITS_NAME, SUMMARY_NAME  # noqa: F401  (where callers import them)
 from finetune.run.outputs import write_json_atomic
 
 log = logging.getLogger(__name__)
 
-CONFIG_NAME = "resolved_config.yaml"  # the run's config, resolved: written before training
-SUMMARY_NAME = "summary.json"  # written last: its presence means the run finished
 NO_RESUME = (None, "none", "null", "", "false", "False")  # how a config says "start fresh"
-SPLITS_NAME = "splits.csv"  # every sample's path, split, label and content hash
 IDENTITY_NAME = "run_identity.json"  # the run's identity (finetune.config.identity), beside its config
 
 
