@@ -64,6 +64,32 @@ def test_timm_models_cut_into_stages_that_compose_to_timms_forward(name, size, s
     assert [s.stage_names for s in (empty_backbone(name, size),)] == [stages]
 
 
+# one model of popular timm families, cut on the meta device (no memory): number of stages, pooled width
+META_CUTS = {"convnext_atto": (4, 320), "efficientnet_b0": (5, 1280), "mobilenetv4_conv_small": (5, 1280),
+             "regnety_002": (5, 368), "densenet121": (5, 1024), "swin_tiny_patch4_window7_224": (4, 768),
+             "maxvit_tiny_tf_224": (5, 512), "deit_tiny_distilled_patch16_224": (13, 192)}
+
+
+@pytest.mark.parametrize("model", sorted(META_CUTS))
+def test_popular_timm_families_cut_into_stages(model: str) -> None:
+    backbone = empty_backbone(f"timm/{model}")
+    assert (len(backbone.stage_names), backbone.feature_dim) == META_CUTS[model]
+
+
+def test_swin_at_another_size_gives_timms_features() -> None:
+    torch.manual_seed(0)
+    backbone = build_backbone("timm/swin_tiny_patch4_window7_224", "none", image_size=64).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(backbone(x), _reference(backbone, x), rtol=0, atol=0)
+
+
+def test_a_forward_that_does_more_between_blocks_is_refused_naming_what_works() -> None:
+    with pytest.raises(SetupError, match=r"beit_base_patch16_224 cannot be cut into stages here: its forward_features "
+                                         r"does more between its blocks .* timm's VisionTransformer family"):
+        empty_backbone("timm/beit_base_patch16_224")
+
+
 def test_preprocessing_is_the_pretrained_configs_own() -> None:
     prep = preprocessing_for(VIT)
     cfg = timm.models.get_pretrained_cfg(VIT.split("/", 1)[1])
@@ -97,16 +123,36 @@ def test_a_file_of_another_model_is_refused(tmp_path: Path) -> None:
         build_backbone(CNN, str(path))
 
 
-def test_offline_pretrained_weights_say_where_to_put_them(monkeypatch) -> None:
-    import huggingface_hub.constants
+def test_pretrained_weights_come_from_the_hub_cache_and_offline_say_where_to_put_them(monkeypatch,
+                                                                                   tmp_path: Path) -> None:
+    import socket
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    with pytest.raises(SetupError) as error:
+    import huggingface_hub.constants
+    from safetensors.torch import save_file
+
+    def no_network(*args, **kwargs):
+        raise socket.gaierror(-2, "Name or service not known")
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
+    with pytest.raises(SetupError) as error:  # at once: no retries against a host that does not resolve
         build_backbone(CNN, "imagenet")
     message = str(error.value)
     assert "Hugging Face hub cache" in message and "backbone.weights=" in message and "\n" not in message
-    assert "timm/resnet10t" in message  # the repo to fetch
+    assert "timm/resnet10t.c3_in1k" in message and str(tmp_path / "hub") in message  # the repo, the folder
+
+    # the same repo in the hub cache's layout: loaded from there, still without a network
+    torch.manual_seed(3)
+    source = timm.create_model("resnet10t")
+    snapshot = tmp_path / "hub" / "models--timm--resnet10t.c3_in1k" / "snapshots" / "0123abc"
+    snapshot.mkdir(parents=True)
+    save_file(source.state_dict(), str(snapshot / "model.safetensors"))
+    (tmp_path / "hub" / "models--timm--resnet10t.c3_in1k" / "refs").mkdir()
+    (tmp_path / "hub" / "models--timm--resnet10t.c3_in1k" / "refs" / "main").write_text("0123abc")
+    backbone = build_backbone(CNN, "imagenet")
+    assert torch.equal(backbone.stages["layer4"][0][0].conv2.weight, source.layer4[0].conv2.weight)
+    assert torch.equal(backbone.stages["act1"][0][0].weight, source.conv1[0].weight)
 
 
 def test_door_refuses_unknown_models_and_tags_in_one_paragraph(compose_cfg) -> None:

@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import difflib
 import math
+import socket
 import sys
 from collections import OrderedDict
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import torch
 from torch import nn
@@ -285,12 +287,16 @@ def _size(name: str, image_size: int | None) -> int:
     return int(image_size) if image_size is not None else int(pretrained_cfg(name).input_size[-1])
 
 
-def _create(name: str, image_size: int | None, empty: bool, pretrained: bool = False) -> nn.Module:
-    """timm.create_model at the input size (models with a fixed input size are built for it)."""
+def _create(name: str, image_size: int | None, empty: bool, pretrained: bool = False, file: str | None = None
+            ) -> nn.Module:
+    """timm.create_model at the input size (models with a fixed input size are built for it); ``file``: the
+    pretrained weights, already local."""
     timm = timm_module()
     options: dict[str, Any] = {}
     if image_size is not None and pretrained_cfg(name).fixed_input_size:
         options["img_size"] = int(image_size)
+    if file is not None:
+        options["pretrained_cfg_overlay"] = {"file": file}
     if not empty:
         return timm.create_model(model_name(name), pretrained=pretrained, **options)
     with torch.random.fork_rng(devices=[]), torch.device("meta"):
@@ -322,10 +328,11 @@ def _cut(name: str, model: nn.Module, plan: Plan) -> TimmBackbone:
 
 
 def _check_every_tensor_once(name: str, model: nn.Module, backbone: nn.Module) -> None:
+    """Every parameter and buffer of the model (non-persistent ones too) is held by the stages, and nothing else."""
     held = {id(t) for t in [*backbone.parameters(), *backbone.buffers()]}
-    own = [(k, t) for k, t in model.state_dict(keep_vars=True).items()]
+    own = [*model.named_parameters(), *model.named_buffers()]
     lost = [k for k, t in own if id(t) not in held]
-    if lost or len(held) != len({id(t) for _, t in own}):
+    if lost or held != {id(t) for _, t in own}:
         raise _unsupported(name, f"{len(lost)} of its tensors (e.g. {lost[:2]}) are not in a stage")
 
 
@@ -349,6 +356,41 @@ def _classifier_prefixes(name: str) -> tuple[str, ...]:
     classifier = pretrained_cfg(name).classifier or ()
     names = (classifier,) if isinstance(classifier, str) else tuple(classifier)
     return tuple(f"{n}." for n in names)
+
+
+HUB_FILES = ("model.safetensors", "pytorch_model.bin")  # what timm's hub repos hold, in timm's order
+
+
+def pretrained_file(name: str) -> str:
+    """The tag's weights file: from the Hugging Face hub cache, else downloaded into it.
+
+    Offline (the hub's host does not resolve) the error comes at once, not after huggingface_hub's retries.
+    """
+    from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
+
+    cfg = pretrained_cfg(name)
+    if not cfg.hf_hub_id:
+        raise SetupError(f"timm model {model_name(name)}'s pretrained tag has no Hugging Face hub repo (only "
+                         f"{cfg.url or 'no address'}); download its weights by hand and give them with "
+                         f"backbone.weights=/path/to/file, or use backbone.weights=none.")
+    for filename in HUB_FILES:
+        cached = try_to_load_from_cache(cfg.hf_hub_id, filename)
+        if isinstance(cached, str):
+            return cached
+    if constants.HF_HUB_OFFLINE:
+        raise _hub_error(name, RuntimeError("HF_HUB_OFFLINE is set"))
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError as error:
+        raise _hub_error(name, error) from None
+    last: Exception | None = None
+    for filename in HUB_FILES:
+        try:
+            return str(hf_hub_download(cfg.hf_hub_id, filename))
+        except Exception as error:  # the repo lacks this file, or the network failed: try the next, then say so
+            last = error
+    raise _hub_error(name, last or RuntimeError("no weights file"))
 
 
 def _hub_error(name: str, error: Exception) -> SetupError:
@@ -403,12 +445,14 @@ def timm_build_backbone(name: str, weights: str | None = "imagenet", image_size:
     plan = plan_for(name, None if image_size is None else int(image_size))
     source = weights_source(weights)
     if source == "imagenet":
-        try:
-            model = _create(name, image_size, empty=False, pretrained=True)
-        except SetupError:
-            raise
-        except Exception as error:  # offline, no cache: huggingface_hub's and urllib's errors alike
-            raise _hub_error(name, error) from None
+        file = pretrained_file(name)
+        try:  # timm's own loader (its filter and label-space rules), from the local file: no network
+            model = _create(name, image_size, empty=False, pretrained=True, file=file)
+        except Exception as error:
+            raise SetupError(f"timm could not load its pretrained weights for {model_name(name)} from '{file}' "
+                             f"({type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}). "
+                             f"Delete the file and run again to download it afresh, or use backbone.weights=none."
+                             ) from None
     elif source == "file":
         model = _create(name, image_size, empty=True)
         _load_file(name, model, str(weights))
