@@ -23,6 +23,7 @@ from finetune.config.identity import roles
 from finetune.config.schema import NEUTRAL, RESULT, FinetuneConfig
 from finetune.config.typed import to_typed
 from finetune.errors import SetupError
+from finetune.model.backbones import BACKBONE_NAMES
 
 FOLDER = "data=folder data.root={root}"
 BAD = [
@@ -172,7 +173,11 @@ def test_every_schema_field_declares_its_role() -> None:
 def test_every_shipped_option_composes_against_the_schema(group: str, tmp_path: Path) -> None:
     folder = config_dir() / group
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        for option in sorted(p.stem for p in folder.glob("*.yaml")):
+        options = sorted(p.stem for p in folder.glob("*.yaml"))
+        if group == "backbone":  # the generated files differ in their name only (tests/test_families.py checks each
+            # against the generator): two of them and the hand-written ones
+            options = [o for o in options if o not in BACKBONE_NAMES or o in ("resnet18", "vit_b_16")]
+        for option in options:
             extra = {"folder": [f"data.root={tmp_path}"], "timm": ["backbone.name=resnet18"]}.get(option, [])
             cfg = compose("config", overrides=[f"{group}={option}", *extra, f"paths.output_dir={tmp_path}"])
             typed = to_typed(cfg)

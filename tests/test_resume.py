@@ -58,7 +58,8 @@ def test_interrupt_saves_resumable_checkpoint(tmp_path: Path, big_folder: Path) 
     resume=auto finishes. The two runs go side by side (one torch thread each): they share no files."""
     cases = {"sigterm": (signal.SIGTERM, 143), "ctrl-c": (signal.SIGINT, 130)}
     runs = {case: tmp_path / case for case in cases}
-    procs = {case: subprocess.Popen(_args(big_folder, runs[case], "trainer.max_epochs=2"), env=ENV,
+    # batch 4: 30 steps an epoch, so the signal 1 s into training lands in the first epoch of two
+    procs = {case: subprocess.Popen(_args(big_folder, runs[case], "trainer.max_epochs=2", "data.batch_size=4"), env=ENV,
                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for case in cases}
     resumed: dict[str, subprocess.Popen] = {}
     try:
@@ -71,7 +72,8 @@ def test_interrupt_saves_resumable_checkpoint(tmp_path: Path, big_folder: Path) 
             assert procs[case].returncode == code, f"{case}: {stderr[-2000:]}"
             assert "resume=auto" in stderr and "Traceback" not in stderr, f"{case}: {stderr[-2000:]}"
             assert (runs[case] / "checkpoints" / "interrupted.ckpt").is_file(), case
-        resumed.update({case: subprocess.Popen(_args(big_folder, runs[case], "trainer.max_epochs=2", "resume=auto"),
+        resumed.update({case: subprocess.Popen(_args(big_folder, runs[case], "trainer.max_epochs=2",
+                                                     "data.batch_size=4", "resume=auto"),
                                                env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
                         for case in cases})
         for case, proc in resumed.items():

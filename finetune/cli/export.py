@@ -271,6 +271,7 @@ def preprocessing_json(module: FinetuneModule, fmt: str, model_file: str, opset:
         "mean": list(prep.mean),
         "std": list(prep.std),
         "interpolation": prep.interpolation,
+        "decode": prep.decode,
         "steps": [
             "decode to 8-bit RGB (EXIF orientation applied, alpha composited on white)",
             f"resize the shorter side to {prep.resize_size} ({prep.interpolation}, antialiased)",

@@ -26,7 +26,7 @@ from finetune.cli.args import run_command
 from finetune.config.problems import ConfigProblem
 from finetune.config.schema import at_least
 from finetune.data.datamodule import resolve_num_workers
-from finetune.data.images import IMAGE_EXTENSIONS, BadImageError, is_image_file, open_rgb
+from finetune.data.images import IMAGE_EXTENSIONS, BadImageError, image_loader, is_image_file, open_rgb
 from finetune.data.transforms import eval_transform
 from finetune.errors import SetupError
 from finetune.model.checkpoints import class_names_of, load_module, preprocessing_of
@@ -116,7 +116,8 @@ def predict(
     target = resolve_device(device)
     names = class_names_of(module)
     k = min(topk, len(names))
-    files = ImageFiles([Path(p) for p in paths], eval_transform(preprocessing_of(module)))
+    prep = preprocessing_of(module)
+    files = ImageFiles([Path(p) for p in paths], eval_transform(prep), image_loader(prep.decode, prep.resize_size))
     loader = DataLoader(files, batch_size=batch_size, num_workers=workers if len(files) > batch_size else 0,
                         collate_fn=collate, pin_memory=target.type == "cuda")
     rows: list[dict[str, Any]] = [{} for _ in files.paths]
@@ -139,16 +140,17 @@ def predict(
 class ImageFiles(Dataset):
     """Decoded, preprocessed images by index; a bad file yields its reason instead of raising."""
 
-    def __init__(self, paths: list[Path], transform: Any) -> None:
+    def __init__(self, paths: list[Path], transform: Any, loader: Any = open_rgb) -> None:
         self.paths = paths
         self.transform = transform
+        self.loader = loader  # the run's own decode (data.decode)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None]:
         try:
-            image = open_rgb(self.paths[i])
+            image = self.loader(self.paths[i])
         except BadImageError as error:
             return i, None, error.reason
         try:

@@ -94,6 +94,12 @@ class HeadType(Choice):
     mlp = "mlp"
 
 
+class DecodeMode(Choice):
+    pil = "pil"
+    pil_draft = "pil_draft"
+    torchvision = "torchvision"
+
+
 class OnBadImage(Choice):
     skip = "skip"
     error = "error"
@@ -238,6 +244,8 @@ class DataConfig:
     check: bool = neutral(True, doc="scan every image before training (data=folder)")
     on_bad_image: OnBadImage = neutral(OnBadImage.skip, doc="skip | error")
     max_pixels: int = neutral(89_478_485, doc="decompression-bomb limit per image")
+    decode: DecodeMode = result(DecodeMode.pil, doc="pil | pil_draft (JPEG at 1/2-1/8 scale when the resize allows) "
+                                                    "| torchvision (torchvision.io.decode_jpeg for JPEGs)")
 
     def validate(self) -> None:
         if self.image_size is not None and self.image_size < 32:

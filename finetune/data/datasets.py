@@ -85,6 +85,13 @@ class ImageFileDataset(Dataset):
         raise SetupError("No readable image is left in this split; run python -m finetune.check on the data.")
 
 
+def use_decoder(splits: Splits, loader: Callable[[Path], Any]) -> None:
+    """Decode the files of every split with ``loader`` (``data.decode``); in-memory sources have no files."""
+    for dataset in (splits.train, splits.val, splits.test):
+        if isinstance(dataset, ImageFileDataset):
+            dataset.loader = loader
+
+
 class TorchvisionDataset(Dataset):
     """A torchvision dataset (PIL, label) restricted to some indices."""
 

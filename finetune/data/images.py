@@ -8,11 +8,15 @@ instead of whatever Pillow happened to raise, at whatever point it happened to d
 
 from __future__ import annotations
 
+import functools
 import io
+import math
 import struct
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
@@ -77,19 +81,23 @@ def is_image_file(path: Path | str) -> bool:
     return Path(path).suffix.lower() in IMAGE_EXTENSIONS
 
 
-def open_rgb(path: Path | str, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """The file at ``path`` as a fully loaded RGB image; raises ``BadImageError`` if unusable."""
+def open_rgb(path: Path | str, max_pixels: int = MAX_PIXELS, draft_side: int | None = None) -> Image.Image:
+    """The file at ``path`` as a fully loaded RGB image; raises ``BadImageError`` if unusable.
+
+    ``draft_side``: a JPEG may be decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT-domain reduction) as long as
+    its shorter side stays >= that many pixels: for a resize to that side right after (see :func:`draft`).
+    """
     path = Path(path)
     try:
         data = path.read_bytes()
     except OSError as error:
         raise BadImageError(path, f"cannot read file: {error.strerror or error}") from error
-    image, _ = decode_rgb(data, path, max_pixels)
+    image, _ = decode_rgb(data, path, max_pixels, draft_side)
     return image
 
 
 def decode_rgb(
-    data: bytes, path: Path | str, max_pixels: int = MAX_PIXELS
+    data: bytes, path: Path | str, max_pixels: int = MAX_PIXELS, draft_side: int | None = None
 ) -> tuple[Image.Image, str]:
     """Decode bytes already read (the check hashes them too) into ``(rgb image, original mode)``.
 
@@ -101,6 +109,8 @@ def decode_rgb(
     try:
         with _strict_truncation(), Image.open(io.BytesIO(data)) as image:
             _check_pixels(image, path, max_pixels)
+            if draft_side:
+                draft(image, draft_side)
             image.load()
             mode = image.mode
             rgb = _to_rgb(image, path)
@@ -113,6 +123,67 @@ def decode_rgb(
     except _DECODE_ERRORS as error:
         raise BadImageError(path, f"truncated or corrupt: {error}") from error
     return _upright(rgb), mode
+
+
+JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+def open_jpeg_tensor(path: Path | str, max_pixels: int = MAX_PIXELS) -> Any:
+    """A JPEG decoded by torchvision.io.decode_jpeg into a uint8 RGB tensor (CHW, EXIF orientation applied), the
+    header checked first as :func:`open_rgb` checks it; any other file, or a JPEG libjpeg's fast path refuses
+    (truncated, CMYK, ...), goes through :func:`open_rgb`, which decodes it or says why not."""
+    import torch
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise BadImageError(path, f"cannot read file: {error.strerror or error}") from error
+    if not data.startswith(JPEG_MAGIC):
+        return decode_rgb(data, path, max_pixels)[0]
+    try:
+        with Image.open(io.BytesIO(data)) as header:
+            _check_pixels(header, path, max_pixels)
+            if header.mode != "RGB":  # grayscale, CMYK: PIL's conversions, as for every other file
+                return decode_rgb(data, path, max_pixels)[0]
+    except BadImageError:
+        raise
+    except Exception:  # a header PIL cannot read: open_rgb's decode names the reason
+        return decode_rgb(data, path, max_pixels)[0]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # libjpeg's "premature end of data" warns: a truncated file is bad
+            # torchvision 0.29 deprecates its image decoders in favour of TorchCodec; they still decode
+            warnings.filterwarnings("ignore", message="The image decoding and encoding", category=DeprecationWarning)
+            return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB,
+                               apply_exif_orientation=True)
+    except Exception:  # corrupt or truncated: PIL's strict decode names the reason
+        return decode_rgb(data, path, max_pixels)[0]
+
+
+def image_loader(decode: str, resize_side: int, max_pixels: int = MAX_PIXELS) -> Callable[[Path], Any]:
+    """The file loader for ``data.decode``: ``pil`` (open_rgb), ``pil_draft`` (JPEG draft to ``resize_side``),
+    ``torchvision`` (decode_jpeg for RGB JPEGs). Picklable, for DataLoader workers."""
+    if decode == "pil_draft":
+        return functools.partial(open_rgb, max_pixels=max_pixels, draft_side=int(resize_side))
+    if decode == "torchvision":
+        return functools.partial(open_jpeg_tensor, max_pixels=max_pixels)
+    return functools.partial(open_rgb, max_pixels=max_pixels)
+
+
+def draft(image: Image.Image, side: int) -> None:
+    """Ask a JPEG for its largest DCT-domain reduction (1/2, 1/4, 1/8) that keeps the shorter side >= ``side``.
+
+    The resize that follows then starts from 4-64x fewer pixels; its result differs from a full decode's by a
+    few 8-bit levels (benchmarks/decode_pipeline.py measures how many). Other formats, and JPEGs not at least
+    twice ``side``, decode in full.
+    """
+    width, height = image.size
+    if image.format != "JPEG" or min(width, height) < 2 * side:
+        return
+    scale = side / min(width, height)
+    image.draft(image.mode, (math.ceil(width * scale), math.ceil(height * scale)))
 
 
 @contextmanager

@@ -19,7 +19,7 @@ import urllib.error
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -53,17 +53,18 @@ class Preprocessing:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     interpolation: str = "bilinear"  # torchvision's InterpolationMode value: bicubic for weights trained so
+    decode: str = "pil"  # how files become pixels (data.decode): pil, pil_draft or torchvision
 
     def at_size(self, image_size: int | None) -> Preprocessing:
         """Same crop fraction and normalisation at another crop size (tiny test images)."""
         if image_size is None or image_size == self.crop_size:
             return self
         resize = round(image_size * self.resize_size / self.crop_size)
-        return Preprocessing(resize, image_size, self.mean, self.std, self.interpolation)
+        return replace(self, resize_size=resize, crop_size=image_size)
 
     def without_border_crop(self) -> Preprocessing:
         """Resize to the crop size itself: the centre crop then keeps the whole (square) image."""
-        return Preprocessing(self.crop_size, self.crop_size, self.mean, self.std, self.interpolation)
+        return replace(self, resize_size=self.crop_size)
 
 
 class Backbone(nn.Module):

@@ -60,6 +60,7 @@ def preprocessing_of(module: FinetuneModule) -> Preprocessing:
         mean=tuple(float(v) for v in prep["mean"]),  # type: ignore[arg-type]
         std=tuple(float(v) for v in prep["std"]),  # type: ignore[arg-type]
         interpolation=str(prep.get("interpolation", "bilinear")),  # checkpoints before the field: bilinear
+        decode=str(prep.get("decode", "pil")),
     )
 
 

@@ -11,6 +11,7 @@ import hashlib
 import inspect
 import logging
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +27,9 @@ from finetune.config.schema import (
 )
 from finetune.config.typed import plain
 from finetune.data.datamodule import ImageDataModule, Transformed, resolve_num_workers
-from finetune.data.datasets import Splits, class_counts
+from finetune.data.datasets import Splits, class_counts, use_decoder
 from finetune.data.features import FeatureCacheDataModule, cache_key, frozen_prefix, weights_identity
+from finetune.data.images import image_loader
 from finetune.data.transforms import describe, eval_transform, train_transform
 from finetune.errors import SetupError
 from finetune.model.backbones import Preprocessing, preprocessing_for, weights_source
@@ -49,6 +51,7 @@ def build_module(cfg: FinetuneConfig, splits: Splits, identity: dict[str, Any] |
     prep = preprocessing_for(cfg.backbone.name).at_size(cfg.data.image_size)
     if not cfg.data.center_crop:
         prep = prep.without_border_crop()
+    prep = replace(prep, decode=str(cfg.data.decode))
     return FinetuneModule(
         backbone=cfg.backbone.name,
         num_classes=splits.num_classes,
@@ -62,7 +65,8 @@ def build_module(cfg: FinetuneConfig, splits: Splits, identity: dict[str, Any] |
         scheduler=plain(cfg.scheduler),
         label_smoothing=float(cfg.loss.label_smoothing),
         preprocessing={"resize_size": prep.resize_size, "crop_size": prep.crop_size,
-                       "mean": list(prep.mean), "std": list(prep.std), "interpolation": prep.interpolation},
+                       "mean": list(prep.mean), "std": list(prep.std), "interpolation": prep.interpolation,
+                       "decode": prep.decode},
         milestones=list(cfg.strategy.milestones or []) or None,
         freeze_epochs=cfg.strategy.freeze_epochs,
         class_weights=resolve_class_weights(cfg.loss.class_weights, splits),
@@ -147,6 +151,7 @@ def build_datamodule(
     train_tf = train_transform(prep, augment, cfg.data.hflip)
     eval_tf = eval_transform(prep)
     policy = str(cfg.data.on_bad_image)
+    use_decoder(splits, image_loader(prep.decode, prep.resize_size, cfg.data.max_pixels))
     images = {"train": Transformed(splits.train, train_tf, policy), "val": Transformed(splits.val, eval_tf, policy),
               "test": Transformed(splits.test, eval_tf, policy)}
     prefix_len = module.cacheable_prefix
@@ -167,6 +172,7 @@ def build_datamodule(
         "split_sizes": [len(splits.train), len(splits.val), len(splits.test)],
         "views": views,
         "dtype": str(cfg.cache.dtype),
+        **({"decode": prep.decode} if prep.decode != "pil" else {}),  # pil: the key of caches made before the field
     }
     folder = Path(cfg.cache.dir).expanduser() / f"{cfg.backbone.name.replace('/', '_')}-{cache_key(meta)}"
     module.input_stage = prefix_len
