@@ -81,6 +81,13 @@ def is_image_file(path: Path | str) -> bool:
     return Path(path).suffix.lower() in IMAGE_EXTENSIONS
 
 
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as error:
+        raise BadImageError(path, f"cannot read file: {error.strerror or error}") from error
+
+
 def open_rgb(path: Path | str, max_pixels: int = MAX_PIXELS, draft_side: int | None = None) -> Image.Image:
     """The file at ``path`` as a fully loaded RGB image; raises ``BadImageError`` if unusable.
 
@@ -88,10 +95,7 @@ def open_rgb(path: Path | str, max_pixels: int = MAX_PIXELS, draft_side: int | N
     its shorter side stays >= that many pixels: for a resize to that side right after (see :func:`draft`).
     """
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as error:
-        raise BadImageError(path, f"cannot read file: {error.strerror or error}") from error
+    data = _read(path)
     image, _ = decode_rgb(data, path, max_pixels, draft_side)
     return image
 
@@ -136,10 +140,7 @@ def open_jpeg_tensor(path: Path | str, max_pixels: int = MAX_PIXELS) -> Any:
     from torchvision.io import ImageReadMode, decode_jpeg
 
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as error:
-        raise BadImageError(path, f"cannot read file: {error.strerror or error}") from error
+    data = _read(path)
     if not data.startswith(JPEG_MAGIC):
         return decode_rgb(data, path, max_pixels)[0]
     try:

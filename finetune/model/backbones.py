@@ -273,8 +273,10 @@ def load_state_dict_file(path: str | os.PathLike, name: str | None = None) -> di
     if not path.is_file():
         raise SetupError(
             f"backbone.weights='{path}' is neither 'imagenet', 'none' nor an existing file. "
-            f"Give the path of a state_dict (.pth) or checkpoint (.ckpt) file."
+            f"Give the path of a state_dict (.pth, .safetensors) or checkpoint (.ckpt) file."
         )
+    if path.suffix == ".safetensors":  # tensors only by construction (the hub's format, timm's weights)
+        return _load_safetensors(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
@@ -294,6 +296,18 @@ def load_state_dict_file(path: str | os.PathLike, name: str | None = None) -> di
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise SetupError(f"'{path}' holds no state_dict (a dict of tensors).")
     return obj
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        raise SetupError(f"'{path}' is a safetensors file: pip install safetensors (timm's extra brings it).") from None
+    try:
+        return load_file(str(path))
+    except Exception as err:
+        raise SetupError(f"'{path}' is not a readable safetensors file ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0][:200] if str(err) else ''}).") from None
 
 
 # How a finetune checkpoint given as backbone.weights becomes backbone tensors: set by
@@ -328,21 +342,37 @@ def _load_into(model: nn.Module, name: str, state: dict[str, torch.Tensor], sour
     head, trained for another run's classes, is dropped.
     """
     rule = FAMILIES[family(name)]
+    state = library_keys(state, name, source)
+    # Module versions (MNASNet reads its own): the file's when its keys are as saved, else the model's.
+    metadata = getattr(state, "_metadata", None)
+    assign_fitting(model, rule.adapt(model, state), (f"{rule.head}.", *rule.aux), metadata,
+                   f"The weights from {source} do not fit backbone '{name}'",
+                   f"Check that the file was saved from a torchvision {name}, or pick the matching backbone=...")
+
+
+def library_keys(state: dict[str, torch.Tensor], name: str, source: str) -> dict[str, torch.Tensor]:
+    """A state_dict under the library's own keys: DataParallel's, Lightning's and torch.compile's prefixes
+    stripped, a finetune checkpoint's ``backbone.stages.*`` keys renamed (its head dropped, as this run builds
+    its own)."""
     state = strip_prefix(state, "module.")
     state = strip_prefix(state, "model.")
     state = strip_prefix(state, COMPILED_PREFIX)
-    if any(k.startswith(STAGE_KEYS_PREFIX) for k in state):
-        renamed = torchvision_keys(name)
-        other = [k for k in state if not k.startswith(STAGE_KEYS_PREFIX)]
-        if other:  # the head (trained for another run's classes), a weighted loss's class weights, ...
-            log.info("%s: %d tensors outside the backbone (the classifier head, e.g. %s) are not used: this run "
-                     "builds its own classifier head.", source, len(other), other[0])
-        state = {renamed.get(k, k): v for k, v in state.items() if k.startswith(STAGE_KEYS_PREFIX)}
-    # Module versions (MNASNet reads its own): the file's when its keys are as saved, else the model's.
-    metadata = getattr(state, "_metadata", None)
-    state = rule.adapt(model, state)
+    if not any(k.startswith(STAGE_KEYS_PREFIX) for k in state):
+        return state
+    renamed = torchvision_keys(name)
+    other = [k for k in state if not k.startswith(STAGE_KEYS_PREFIX)]
+    if other:  # the head (trained for another run's classes), a weighted loss's class weights, ...
+        log.info("%s: %d tensors outside the backbone (the classifier head, e.g. %s) are not used: this run "
+                 "builds its own classifier head.", source, len(other), other[0])
+    return {renamed.get(k, k): v for k, v in state.items() if k.startswith(STAGE_KEYS_PREFIX)}
+
+
+def assign_fitting(model: nn.Module, state: dict[str, torch.Tensor], ignored: tuple[str, ...], metadata: Any,
+                   what: str, hint: str) -> None:
+    """Every tensor of ``model`` but those under ``ignored`` (the ImageNet classifier, aux heads) taken from
+    ``state``, as float32 where floating; any missing, extra or misshapen tensor refused in one paragraph
+    (``what (detail). hint``). The model may be on the meta device: the tensors become its tensors."""
     own = model.state_dict()
-    ignored = (f"{rule.head}.", *rule.aux)
     wanted = {k for k in own if not k.startswith(ignored)}
     missing = sorted(wanted - state.keys())
     unexpected = sorted(k for k in state.keys() - own.keys() if not k.startswith(ignored))
@@ -360,10 +390,7 @@ def _load_into(model: nn.Module, name: str, state: dict[str, torch.Tensor], sour
             )
             if part
         )
-        raise SetupError(
-            f"The weights from {source} do not fit backbone '{name}' ({detail}). Check that the "
-            f"file was saved from a torchvision {name}, or pick the matching backbone=..."
-        )
+        raise SetupError(f"{what} ({detail}). {hint}")
     # The model was built on the meta device: the loaded tensors become its tensors (float32, as built).
     loaded = OrderedDict((k, state[k].float() if state[k].is_floating_point() else state[k]) for k in sorted(wanted))
     loaded._metadata = metadata or own._metadata  # type: ignore[attr-defined]

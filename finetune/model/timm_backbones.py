@@ -25,7 +25,6 @@ import sys
 from collections import OrderedDict
 from dataclasses import dataclass
 from functools import cache
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
@@ -37,11 +36,12 @@ from finetune.model.backbones import (
     TIMM_PREFIX,
     Backbone,
     Preprocessing,
+    assign_fitting,
+    library_keys,
     load_state_dict_file,
-    strip_prefix,
     weights_source,
 )
-from finetune.model.frozen_weights import COMPILED_PREFIX, STAGE_KEYS_PREFIX
+from finetune.model.frozen_weights import STAGE_KEYS_PREFIX
 
 
 def timm_module() -> Any:
@@ -410,35 +410,14 @@ def _hub_error(name: str, error: Exception) -> SetupError:
 def _load_file(name: str, model: nn.Module, path: str) -> None:
     """A state_dict file (or a finetune checkpoint) into the meta-built model, through the model module's own
     ``checkpoint_filter_fn`` (original checkpoints converted, position embeddings resampled to this size)."""
-    if str(path).endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        state: dict[str, torch.Tensor] = load_file(str(Path(path).expanduser()))
-    else:
-        state = load_state_dict_file(path, name)
-    for prefix in ("module.", "model.", COMPILED_PREFIX):
-        state = strip_prefix(state, prefix)
-    if any(k.startswith(STAGE_KEYS_PREFIX) for k in state):
-        renamed = timm_keys(name)
-        state = {renamed[k]: v for k, v in state.items() if k in renamed}
+    state = library_keys(load_state_dict_file(path, name), name, f"'{path}'")
     fix = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
     if fix is not None:
         state = fix(state, model)
-    ignored = _classifier_prefixes(name)
-    own = model.state_dict()
-    wanted = {k for k in own if not k.startswith(ignored)}
-    missing = sorted(wanted - state.keys())
-    unexpected = sorted(k for k in state.keys() - own.keys() if not k.startswith(ignored))
-    mismatched = sorted(k for k in wanted & state.keys() if state[k].shape != own[k].shape)
-    if missing or unexpected or mismatched:
-        raise SetupError(
-            f"The weights in '{path}' do not fit timm model {model_name(name)} (missing {len(missing)} tensors"
-            f"{', e.g. ' + missing[0] if missing else ''}; {len(unexpected)} it lacks"
-            f"{', e.g. ' + unexpected[0] if unexpected else ''}; {len(mismatched)} of another shape). Check that "
-            f"the file was saved from this timm model (timm.create_model('{model_name(name)}').state_dict())."
-        )
-    loaded = {k: state[k].float() if state[k].is_floating_point() else state[k] for k in wanted}
-    model.load_state_dict(loaded, strict=False, assign=True)
+    assign_fitting(model, state, _classifier_prefixes(name), None,
+                   f"The weights in '{path}' do not fit timm model {model_name(name)}",
+                   f"Check that the file was saved from this timm model "
+                   f"(timm.create_model('{model_name(name)}').state_dict()).")
 
 
 def timm_build_backbone(name: str, weights: str | None = "imagenet", image_size: int | None = None) -> TimmBackbone:
