@@ -161,3 +161,29 @@ def kill_resume_and_compare(args: Callable[..., list[str]], tmp_path: Path, env:
     for key in a:
         assert torch.equal(a[key], b[key]), f"{key} differs after resume"
     return straight_dir, killed_dir
+
+
+def export_parity(module, size: int, folder: Path, fmt: str) -> tuple[float, float]:
+    """Export ``module`` as ``python -m finetune.export`` does (torchscript or onnx) and compare the exported
+    model's logits with the module's, as the CLI does: (max abs diff, tolerance)."""
+    import torch
+
+    from finetune.cli.export import (
+        compare,
+        export_onnx,
+        export_torchscript,
+        inference_network,
+        onnx_runner,
+        torchscript_runner,
+    )
+
+    network = inference_network(module)
+    if fmt == "onnx":
+        path = folder / "model.onnx"
+        export_onnx(network, torch.randn(2, 3, size, size), path)
+        run = onnx_runner(path)
+    else:
+        path = folder / "model.ts"
+        export_torchscript(network, path)
+        run = torchscript_runner(path)
+    return compare(module, run, torch.randn(3, 3, size, size))

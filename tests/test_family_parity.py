@@ -12,17 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from finetune.cli.export import (
-    compare,
-    export_onnx,
-    export_torchscript,
-    inference_network,
-    onnx_runner,
-    torchscript_runner,
-)
 from finetune.model.backbones import min_image_size, preprocessing_for
 from finetune.model.module import FinetuneModule
 from finetune.run.train import train
+from tests.conftest import export_parity
 
 # one per family; size: the smallest each takes that is >= 32 (ViT: a multiple of its patch). The default
 # run exports the light ones; the rest (seconds to minutes each on 2 CPU cores) run with -m slow.
@@ -46,9 +39,7 @@ def small_module(name: str) -> tuple[FinetuneModule, int]:
 @pytest.mark.parametrize("name", FAMILY_MODELS)
 def test_torchscript_export_gives_the_modules_logits(name: str, tmp_path: Path) -> None:
     module, size = small_module(name)
-    path = tmp_path / "model.ts"
-    export_torchscript(inference_network(module), path)
-    diff, tolerance = compare(module, torchscript_runner(path), torch.randn(2, 3, size, size))
+    diff, tolerance = export_parity(module, size, tmp_path, "torchscript")
     assert diff <= tolerance, f"{name}: max abs diff {diff:.3g} > {tolerance:.3g}"
 
 
@@ -57,9 +48,7 @@ def test_torchscript_export_gives_the_modules_logits(name: str, tmp_path: Path) 
 def test_onnx_export_gives_the_modules_logits(name: str, tmp_path: Path) -> None:
     pytest.importorskip("onnxruntime")
     module, size = small_module(name)
-    path = tmp_path / "model.onnx"
-    export_onnx(inference_network(module), torch.randn(2, 3, size, size), path)
-    diff, tolerance = compare(module, onnx_runner(path), torch.randn(3, 3, size, size))
+    diff, tolerance = export_parity(module, size, tmp_path, "onnx")
     assert diff <= tolerance, f"{name}: max abs diff {diff:.3g} > {tolerance:.3g}"
 
 

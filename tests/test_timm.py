@@ -10,14 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from finetune.cli.export import (
-    compare,
-    export_onnx,
-    export_torchscript,
-    inference_network,
-    onnx_runner,
-    torchscript_runner,
-)
 from finetune.config.typed import to_typed
 from finetune.errors import SetupError
 from finetune.model.backbones import build_backbone, check_image_size, empty_backbone, family, preprocessing_for
@@ -26,6 +18,7 @@ from finetune.model.module import FinetuneModule
 from finetune.model.strategies import param_groups
 from finetune.run.door import check_model
 from finetune.run.train import train
+from tests.conftest import export_parity
 from tests.test_strategies import _fit_two_steps, _snapshot, _stage_changed
 
 timm = pytest.importorskip("timm")
@@ -208,12 +201,8 @@ def test_a_timm_run_caches_checkpoints_and_exports(compose_cfg, image_folder: Pa
     module = load_module(summary["best_checkpoint"])  # frozen stages come back from their reference
     assert preprocessing_of(module).interpolation == "bicubic"
     size = preprocessing_of(module).crop_size
-    ts = tmp_path / "model.ts"
-    export_torchscript(inference_network(module), ts)
-    diff, tolerance = compare(module, torchscript_runner(ts), torch.randn(2, 3, size, size))
+    diff, tolerance = export_parity(module, size, tmp_path, "torchscript")
     assert diff <= tolerance
     pytest.importorskip("onnxruntime")
-    onnx = tmp_path / "model.onnx"
-    export_onnx(inference_network(module), torch.randn(2, 3, size, size), onnx)
-    diff, tolerance = compare(module, onnx_runner(onnx), torch.randn(3, 3, size, size))
+    diff, tolerance = export_parity(module, size, tmp_path, "onnx")
     assert diff <= tolerance
