@@ -6,7 +6,7 @@
 #   SET=all bash benchmarks/run_gpu.sh    # also cache fidelity, the roofline and framework-overhead runs
 # Needs torch, torchvision, pytorch-lightning, torchmetrics, hydra-core, omegaconf, scikit-learn, pillow.
 # Without the CIFAR-10 subset, the benchmarks fall back to scikit-learn's digits.
-# Budget: about 7 minutes on an H100/H200 for the default set (limits add up to 9.8), 4.5 more for SET=all.
+# Budget: about 8 minutes on an H100/H200 for the default set (limits add up to 11.8), 4.5 more for SET=all.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-gpu-results}"
@@ -30,6 +30,8 @@ run() {  # run NAME LIMIT_S ARGS...: one benchmark, its log and JSON in $OUT, ne
   echo "== $name exit ${PIPESTATUS[0]}"
 }
 
+# issue 18: the cached training phase, resident blocks vs per-step batches vs a plain loop on the GPU
+run resident_loop 120 benchmarks/resident_loop.py --rounds 3 ${DATA_ARGS[@]+"${DATA_ARGS[@]}"}
 # photo-like files (384 px JPEG): decoding then costs what it does on real data
 run cache_speedup_224_jpeg384 200 benchmarks/cache_speedup.py --image-size 224 --stored-size 384 \
   --stored-format jpeg ${DATA_ARGS[@]+"${DATA_ARGS[@]}"}

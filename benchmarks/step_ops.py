@@ -55,22 +55,26 @@ class OpCounter(TorchDispatchMode):
 
 
 class CountSteps(pl.Callback):
-    """Counts from the start of step ``first`` to the start of step ``first + steps`` (one epoch)."""
+    """Counts from the batch that starts at optimizer step ``first`` or later to the one ``steps`` or more later
+    (in the first epoch); ``counted``: the optimizer steps between them (a batch may be a block of several)."""
 
     def __init__(self, first: int, steps: int) -> None:
         self.first, self.steps = first, steps
         self.counter = OpCounter()
         self.counted = 0
+        self._start: int | None = None
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        if trainer.current_epoch != 0:
+        step = trainer.global_step
+        if trainer.current_epoch != 0 or self.counted:
             return
-        if batch_idx == self.first:
+        if self._start is None and step >= self.first:
+            self._start = step
             self.counter.__enter__()
-        elif batch_idx == self.first + self.steps:
+        elif self._start is not None and step - self._start >= self.steps:
             self.counter.__exit__(None, None, None)
-            self.counted = self.steps
+            self.counted = step - self._start
 
 
 def parse_args() -> tuple[argparse.Namespace, torch.device]:
@@ -80,6 +84,8 @@ def parse_args() -> tuple[argparse.Namespace, torch.device]:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=100, help="steps counted (within the first epoch)")
     parser.add_argument("--progress-bar", choices=("none", "rich", "tqdm"), default="none")
+    parser.add_argument("--override", action="append", default=[],
+                        help="a config override, e.g. cache.resident=false (one optimizer step per Lightning step)")
     args = parser.parse_args()
     return args, harness.resolve_device(parser, args)
 
@@ -103,7 +109,7 @@ def main() -> None:
                            "data=folder", f"data.root={work / 'images'}", f"data.image_size={args.image_size}",
                            f"data.batch_size={args.batch_size}", "data.num_workers=0", "trainer.max_epochs=1",
                            "trainer.devices=1", f"trainer.accelerator={'gpu' if device.type == 'cuda' else 'cpu'}",
-                           "logger=none"], work, "run")
+                           "logger=none", *args.override], work, "run")
             if args.progress_bar != "none":
                 cfg.callbacks.progress_bar = args.progress_bar
                 cfg.trainer.enable_progress_bar = True
@@ -122,7 +128,7 @@ def report(counter: CountSteps, args: argparse.Namespace, machine: dict[str, Any
     total = sum(ops.values())
     kernels = sum(v for k, v in ops.items() if k not in NOT_KERNELS)
     print(f"\n{args.backbone} head on cached features, batch {args.batch_size}, progress bar {args.progress_bar}, "
-          f"{n} steps counted:")
+          f"{' '.join(args.override) or 'default settings'}, {n} steps counted:")
     print(f"  aten ops per step:           {total / n:6.2f}")
     print(f"  of them kernels (not views): {kernels / n:6.2f}")
     counters = counter.counter.step_counter_reads
@@ -133,6 +139,7 @@ def report(counter: CountSteps, args: argparse.Namespace, machine: dict[str, Any
         print(f"    {count / n:6.2f}  {name}{'' if name not in NOT_KERNELS else '  (no kernel)'}")
     harness.write_json(args.json, {"benchmark": "step_ops", "machine": machine,
                              "settings": {"backbone": args.backbone, "batch_size": args.batch_size,
+                                          "overrides": args.override,
                                           "progress_bar": args.progress_bar, "steps": n},
                              "per_step": {"ops": total / n, "kernels": kernels / n, "host_reads": ops[HOST_READ] / n,
                                           "host_reads_waiting_for_gpu": (ops[HOST_READ] - counters) / n},

@@ -60,8 +60,10 @@ def _benchmark_harness():
     return harness
 
 
-def test_cached_training_step_makes_a_gpu_wait_only_for_the_periodic_nan_check(tmp_path: Path) -> None:
-    """Per step, no host read of a device value (a GPU sync) besides FiniteLoss's one read every 10 steps."""
+@pytest.mark.parametrize("loop", ["cache.resident=false", "cache.steps_per_block=2"])
+def test_cached_training_step_makes_a_gpu_wait_only_for_the_periodic_nan_check(tmp_path: Path, loop: str) -> None:
+    """Per step, no host read of a device value (a GPU sync) besides FiniteLoss's one read every 10 steps; read
+    per batch from the cache files, or resident in blocks of several steps (fewer kernels: no per-step copy)."""
     # The counts are exact whatever the data, threads or malloc: a subset of the script's own data (64 train
     # images a class, val split off: 18 steps an epoch at batch 32, so the same 10 counted as on all 5,085), one thread,
     # and the steady-malloc variables set already (the script would otherwise start itself a second time).
@@ -71,7 +73,7 @@ def test_cached_training_step_makes_a_gpu_wait_only_for_the_periodic_nan_check(t
     np.savez(subset, x_train=images.x_train, y_train=images.y_train, x_test=images.x_test, y_test=images.y_test,
              classes=np.array(images.classes))
     stdout, result = run_quick("step_ops.py", tmp_path, "--data", str(subset), "--threads", "1",
-                               env=harness.STEADY_MALLOC)
+                               "--override", loop, env=harness.STEADY_MALLOC)
     assert "10 steps counted" in stdout, stdout[-2000:]
     per_step = result["per_step"]
     assert per_step["host_reads_waiting_for_gpu"] <= 0.1 + 1e-9, per_step

@@ -122,14 +122,33 @@ def test_sigterm_mid_epoch_then_resume_equals_uninterrupted_run(compose_cfg, mon
     assert progress["completed"] == 3  # saved mid-epoch
 
 
+# 7 train steps an epoch: read per batch, or resident in blocks of 2 steps (2, 2, 2, 1)
+@pytest.mark.parametrize("loop", ["cache.resident=false", "cache.steps_per_block=2"])
 def test_mid_epoch_resume_on_cached_features_keeps_the_unfreeze_schedule(compose_cfg, monkeypatch, tmp_path: Path,
                                                                           straight_runs: StraightRuns,
-                                                                          folder: Path) -> None:
+                                                                          folder: Path, loop: str) -> None:
     # layer4 unfreezes at epoch 1, where the run is stopped; the frozen prefix comes from the feature cache.
     progress = _interrupt_resume_compare(compose_cfg, monkeypatch, tmp_path, straight_runs, folder,
                                          "strategy=gradual_unfreeze", "strategy.milestones=[1]", "cache.enabled=true",
-                                         "data.num_workers=0", at=(1, 2))
-    assert progress["completed"] == 3
+                                         "data.num_workers=0", loop, at=(1, 2))
+    assert progress["completed"] == 3  # batches (blocks): mid-epoch either way
+
+
+def test_resume_inside_an_epoch_with_other_cache_blocks_is_refused(compose_cfg, monkeypatch, tmp_path: Path,
+                                                                   folder: Path) -> None:
+    """Lightning counts done batches: blocks of 2 steps done are not batches of one step done."""
+    from finetune.errors import SetupError
+
+    extra = ("strategy=feature_extractor", "data.num_workers=0", "cache.steps_per_block=2")
+    stopped = tmp_path / "stopped"
+    _sigterm_during(monkeypatch, 1, 1)
+    with pytest.raises(SIGTERMException):
+        train(_cfg(compose_cfg, folder, stopped, *extra))
+    monkeypatch.undo()
+    with pytest.raises(SetupError, match="took train batches of 8 samples and this one takes 4"):
+        train(_cfg(compose_cfg, folder, stopped, *extra, "cache.resident=false", "resume=auto"))
+    assert (stopped / "checkpoints" / "interrupted.ckpt").is_file()  # nothing lost: the right settings resume it
+    train(_cfg(compose_cfg, folder, stopped, *extra, "resume=auto"))
 
 
 def test_resume_at_an_epoch_boundary_skips_nothing_and_draws_that_epochs_order(compose_cfg, monkeypatch,

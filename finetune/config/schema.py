@@ -488,11 +488,15 @@ class CacheConfig:
     dtype: CacheDtype = result(CacheDtype.float32)
     batch_size: int | None = result(None, doc="extraction batch; null: data.batch_size")
     dir: str = neutral(MISSING)
+    resident: Any = neutral("auto", doc="auto | true | false: cached train features on the training device")
+    steps_per_block: int = neutral(32, doc="optimizer steps per Lightning step on resident features")
 
     def validate(self) -> None:
         one_of("cache.enabled", self.enabled, AUTO_BOOL)
+        one_of("cache.resident", self.resident, AUTO_BOOL)
         at_least("cache.views", self.views, 0, "0: no augmented views.")
         at_least("cache.batch_size", self.batch_size, 1, optional=True)
+        at_least("cache.steps_per_block", self.steps_per_block, 1, "1: one optimizer step per Lightning step.")
 
 
 @dataclass

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from finetune.data.resident import BlockLoader, ResidentFeatures, fits, nbytes
 from finetune.errors import SetupError
 from finetune.model.backbones import Backbone, imagenet_weights, weights_source
 from finetune.progress import progress
@@ -384,9 +385,14 @@ class FeatureCacheDataModule(pl.LightningDataModule):
         balanced: bool = False,
         extract_batch_size: int | None = None,
         seed: int = 0,
+        steps_per_block: int = 0,
+        resident: bool | str = "auto",
     ) -> None:
         super().__init__()
         self.seed = int(seed)
+        self.steps_per_block = int(steps_per_block)  # 0: train batches from a DataLoader, one step each
+        self.resident_setting = resident
+        self.resident: dict[str, ResidentFeatures] = {}  # the splits on the device, when they are there
         self.extract_batch_size = int(extract_batch_size or batch_size)
         self.balanced = balanced
         self.images = images
@@ -548,6 +554,27 @@ class FeatureCacheDataModule(pl.LightningDataModule):
             return
         rank, world, strategy = self._rank_world()
         self.prepare(rank, world, strategy, self._device())
+        if stage in (None, "fit") and self.steps_per_block and world == 1:
+            self.resident = self._resident_splits(self._device())
+
+    def _resident_splits(self, device: torch.device) -> dict[str, ResidentFeatures]:
+        """Every split on ``device`` (cache.resident); under auto only when they fit, else none (DataLoaders)."""
+        shards = {split: self.datasets[split] for split in SPLITS}
+        if self.resident_setting is False or not all(isinstance(d, FeatureDataset) for d in shards.values()):
+            return {}
+        size = sum(nbytes(d.features, d.labels) for d in shards.values())
+        if self.resident_setting == "auto":
+            ok, why = fits(size, device)
+            if not ok:
+                log.info("feature cache: %s; batches are read from the cache files instead "
+                         "(cache.resident=true forces them onto the device)", why)
+                return {}
+        started = time.perf_counter()
+        stores = {split: ResidentFeatures(d.features, d.labels, d.views, device) for split, d in shards.items()}
+        log.info("feature cache: %d train, val and test rows (%.1f MiB) on %s, %d optimizer steps per Lightning "
+                 "step (%.2f s)", sum(d.rows for d in shards.values()), size / 2**20, device, self.steps_per_block,
+                 time.perf_counter() - started)
+        return stores
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         from finetune.data.datamodule import private_generator, train_sampler
@@ -560,11 +587,18 @@ class FeatureCacheDataModule(pl.LightningDataModule):
                           pin_memory=torch.cuda.is_available(), collate_fn=keep_batch,
                           drop_last=shuffle and len(dataset) > self.batch_size)
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+    def _blocks(self, split: str, shuffle: bool) -> BlockLoader:
+        from finetune.data.datamodule import train_sampler
 
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
+        dataset = self.datasets[split]
+        return BlockLoader(self.resident[split], train_sampler(dataset, self.seed, self.balanced) if shuffle else None,
+                           self.batch_size, self.steps_per_block, drop_last=shuffle and len(dataset) > self.batch_size)
 
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+    def train_dataloader(self) -> DataLoader | BlockLoader:
+        return self._blocks("train", True) if self.resident else self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader | BlockLoader:
+        return self._blocks("val", False) if self.resident else self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader | BlockLoader:
+        return self._blocks("test", False) if self.resident else self._loader("test", shuffle=False)

@@ -21,6 +21,7 @@ from finetune.config.schema import (
 from finetune.config.typed import plain
 from finetune.errors import SetupError
 from finetune.model.backbones import build_backbone, weights_source
+from finetune.model.blocks import FeatureBlock
 from finetune.model.frozen_weights import (
     MODES,
     RECORD_KEY,
@@ -100,6 +101,43 @@ def use_fused(value: Any, groups: list[dict[str, Any]]) -> bool | None:
     return True if setting == "true" else None
 
 
+# Hooks Lightning calls per optimizer step in manual optimization, around backward and the step.
+STEP_HOOKS = ("on_before_backward", "on_after_backward", "on_before_optimizer_step")
+
+
+def hookless_steps(trainer: pl.Trainer) -> bool:
+    """Whether ``loss.backward()`` and the optimizer's own step do all that Lightning's manual path would.
+
+    True when one process trains in 32-true or bf16-mixed (no gradient scaler) and neither a callback nor
+    the module overrides a per-step hook: Lightning's path then only dispatches those hooks (three
+    passes over every callback per step, a third of a cached head step's cost on a CPU).
+    """
+    from pytorch_lightning.plugins.precision import MixedPrecision, Precision
+    from pytorch_lightning.strategies import SingleDeviceStrategy
+    from pytorch_lightning.utilities.model_helpers import is_overridden
+
+    plugin = trainer.precision_plugin
+    if not (type(plugin) is Precision or (type(plugin) is MixedPrecision and plugin.scaler is None)):
+        return False
+    if not isinstance(trainer.strategy, SingleDeviceStrategy):
+        return False
+    module = trainer.lightning_module
+    if any(is_overridden(hook, module, pl.LightningModule) for hook in (*STEP_HOOKS, "backward")):
+        return False
+    return not any(is_overridden(hook, callback, pl.Callback) for callback in trainer.callbacks for hook in STEP_HOOKS)
+
+
+def optimizer_steps(trainer: pl.Trainer) -> int:
+    """Optimizer steps the run will take: Lightning's estimate, or, with blocks of several steps per batch
+    (:class:`~finetune.data.resident.BlockLoader`), the same count from its minibatches."""
+    total = int(trainer.estimated_stepping_batches)  # sets up the train loader when it is not yet
+    per_epoch = getattr(getattr(trainer, "train_dataloader", None), "optimizer_steps_per_epoch", None)
+    if per_epoch is None or trainer.max_epochs is None or trainer.max_epochs < 0:
+        return total
+    total = int(per_epoch) * max(int(trainer.max_epochs), 1)
+    return min(total, int(trainer.max_steps)) if trainer.max_steps != -1 else total
+
+
 class EpochMeans:
     """Per-step losses (and correct predictions) of one epoch, kept on the device and reduced once at its end.
 
@@ -117,6 +155,10 @@ class EpochMeans:
         self.sizes.append(size)
         if hits is not None:
             self.hits.append(hits)
+
+    def add_hits(self, hits: torch.Tensor) -> None:
+        """Correct predictions of samples whose losses were added (one count may cover several minibatches)."""
+        self.hits.append(hits)
 
     def means(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         """Per-sample mean loss (float32, also under bf16/16-true) and accuracy (None without hits)."""
@@ -191,6 +233,7 @@ class FinetuneModule(pl.LightningModule):
         self.held: HeldStages | None = None  # the frozen prefix while detached
         self.epoch_means = {"train": EpochMeans(), "val": EpochMeans(), "test": EpochMeans()}  # this epoch's
         self._fingerprints: dict[tuple[str, ...], str] = {}
+        self.steps_per_block = 1  # optimizer steps per train batch at most (use_blocks)
         if self.omitted_stages:  # now, as the source gave them: later the module may be cast (bf16-true)
             self.frozen_fingerprint(self.omitted_stages)
 
@@ -335,8 +378,15 @@ class FinetuneModule(pl.LightningModule):
         logits = self(x)
         return logits, lam * self.criterion(logits, y) + (1 - lam) * self.criterion(logits, y[perm])
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        x, y = batch
+    def use_blocks(self, steps_per_block: int) -> None:
+        """Train with manual optimization: a batch may be a :class:`~finetune.model.blocks.FeatureBlock` of
+        several minibatches, each one optimizer step (cache.resident; :meth:`_manual_steps`)."""
+        self.automatic_optimization = False
+        self.steps_per_block = int(steps_per_block)
+
+    def _train_loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and loss of one training minibatch (Mixup / CutMix drawn per minibatch); its loss is kept for
+        the epoch mean (correct predictions: by the caller)."""
         reg = self.regularization
         mixing = float(reg["mixup_alpha"]) > 0 or float(reg["cutmix_alpha"]) > 0
         if mixing and torch.rand(()) < float(reg["mix_prob"]):
@@ -344,21 +394,89 @@ class FinetuneModule(pl.LightningModule):
         else:
             logits = self(x)
             loss = self.criterion(logits, y)
-        # Epoch loss and accuracy are reduced once per epoch (EpochMeans); the step loss is logged only
-        # when a logger writes this step or a progress bar shows it, and goes on the bar only when there
-        # is one (Lightning reads bar values to the host every step).
-        self.epoch_means["train"].add(loss, len(y), hits=(logits.argmax(1) == y).sum())
+        # Epoch loss and accuracy are reduced once per epoch (EpochMeans), not logged per step.
+        self.epoch_means["train"].add(loss, len(y))
+        return logits, loss
+
+    def _show_on_bar(self, loss: torch.Tensor) -> None:
+        """The step loss on the progress bar, only when there is one (Lightning reads bar values to the host)."""
         trainer = self._trainer
-        connector = getattr(trainer, "_logger_connector", None)
         # Each key is always logged with the same arguments; only whether it is logged depends on the trainer.
         # Lightning keeps a key's arguments for the trainer's lifetime, across fits, and refuses other ones:
         # lr_find's sweep runs a fit of the same trainer with its own callbacks only (no bar) before the
         # real fit (issue 17), so a prog_bar that followed the bar crashed the real fit.
         if trainer is None or trainer.progress_bar_callback is not None:
             self.log(BAR_LOSS_KEY, loss, on_step=True, on_epoch=False, prog_bar=True, logger=False)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        if not self.automatic_optimization:
+            return self._manual_steps(batch, batch_idx)
+        x, y = batch
+        logits, loss = self._train_loss(x, y)
+        self.epoch_means["train"].add_hits((logits.argmax(1) == y).sum())
+        self._show_on_bar(loss)
+        trainer = self._trainer
+        connector = getattr(trainer, "_logger_connector", None)
+        # the step loss is logged only when a logger writes this step
         if connector is None or connector.should_update_logs or trainer.fast_dev_run:
             self.log("train/loss_step", loss, on_step=True, on_epoch=False, prog_bar=False)
         return loss
+
+    def _manual_steps(self, batch: Any, batch_idx: int) -> dict[str, Any]:
+        """One optimizer step per minibatch of a block (a plain ``(x, y)`` batch is a block of one).
+
+        Each step is what Lightning's automatic loop does per batch, in its order: forward, zero_grad,
+        backward (through Lightning's precision plugin), optimizer step, LR scheduler step, then the
+        weight average's update. So a block of K minibatches trains exactly what K batches would, without
+        paying the loop's hooks, logging and loader per minibatch. Logging stays per optimizer step: the
+        step loss goes to the loggers at the steps the automatic loop logs (``log_every_n_steps``), and the
+        loop's logging step counter advances by the steps taken, so every metric keeps its step number.
+        """
+        from pytorch_lightning.callbacks import WeightAveraging
+
+        block = batch if isinstance(batch, FeatureBlock) else FeatureBlock(batch[0], batch[1], len(batch[1]))
+        trainer = self.trainer
+        optimizer = self.optimizers()
+        scheduler = self.lr_schedulers()
+        direct = hookless_steps(trainer)
+        averaging = [cb for cb in trainer.callbacks if isinstance(cb, WeightAveraging)]
+        log_every = int(trainer.log_every_n_steps) if trainer.loggers else 0
+        first = trainer.global_step
+        steps = block.steps if trainer.max_steps < 0 else max(0, min(block.steps, trainer.max_steps - first))
+        raw = optimizer.optimizer
+        losses, logits = [], []
+        for i in range(steps):
+            x, y = block.minibatch(i)
+            out, loss = self._train_loss(x, y)
+            if direct:  # what Lightning's path does when no hook listens and the precision adds nothing
+                raw.zero_grad()
+                loss.backward()
+                optimizer._on_before_step()  # the loop's step count (trainer.global_step)
+                raw.step()
+                optimizer._on_after_step()
+            else:
+                optimizer.zero_grad()
+                self.manual_backward(loss)
+                optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            for callback in averaging:  # its update reads trainer.global_step, once per optimizer step
+                callback.on_train_batch_end(trainer, self, loss, batch, batch_idx)
+            if log_every and (first + i + 1) % log_every == 0:
+                row = {"train/loss_step": loss.detach(), "epoch": trainer.current_epoch}  # as Lightning's row
+                trainer._logger_connector.log_metrics(row, step=first + i)
+            losses.append(loss.detach())
+            logits.append(out.detach())
+        if logits:  # the block's correct predictions in one reduction, not three kernels per step
+            seen = sum(len(o) for o in logits)
+            self.epoch_means["train"].add_hits((torch.cat(logits).argmax(1) == block.y[:seen]).sum())
+        if not losses:
+            return {"loss": None}
+        # Lightning adds one after the batch: the loggers' step then counts optimizer steps, as without blocks
+        trainer.fit_loop.epoch_loop._batches_that_stepped += len(losses) - 1
+        self._show_on_bar(losses[-1])
+        return {"loss": losses[-1], "losses": torch.stack(losses) if len(losses) > 1 else losses[-1].reshape(1),
+                "first_step": first}
 
     def on_train_epoch_start(self) -> None:
         self.epoch_means["train"] = EpochMeans()
@@ -371,18 +489,27 @@ class FinetuneModule(pl.LightningModule):
             self.log("train/loss_epoch", means[0], on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
             self.log("train/acc", means[1], on_step=False, on_epoch=True, sync_dist=True)
 
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        x, y = batch
-        logits = self(x)
-        self.epoch_means["val"].add(self.criterion(logits, y), len(y))
+    def _eval_logits(self, batch: Any, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and labels of an eval batch, or of every minibatch of a block (each forward at the batch size
+        the DataLoader would give, so the logits are the same); each minibatch's loss kept for the epoch mean."""
+        parts = [batch.minibatch(i) for i in range(batch.steps)] if isinstance(batch, FeatureBlock) else [batch]
+        outputs = []
+        for x, y in parts:
+            logits = self(x)
+            if split == "test" and self.regularization["tta_hflip"] and self.input_stage == 0 and x.ndim == 4:
+                logits = (logits.softmax(1) + self(x.flip(-1)).softmax(1)).log()  # average of probabilities
+            self.epoch_means[split].add(self.criterion(logits, y), len(y))
+            outputs.append(logits)
+        if len(parts) == 1:
+            return outputs[0], parts[0][1]
+        return torch.cat(outputs), batch.y  # the metrics count: one update for the block is the same
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        logits, y = self._eval_logits(batch, "val")
         self.val_metrics.update(logits, y)
 
-    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        x, y = batch
-        logits = self(x)
-        if self.regularization["tta_hflip"] and self.input_stage == 0 and x.ndim == 4:
-            logits = (logits.softmax(1) + self(x.flip(-1)).softmax(1)).log()  # average of probabilities
-        self.epoch_means["test"].add(self.criterion(logits, y), len(y))
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        logits, y = self._eval_logits(batch, "test")
         self.test_metrics.update(logits, y)
         self.test_confusion.update(logits, y)
 
@@ -421,7 +548,7 @@ class FinetuneModule(pl.LightningModule):
         sched = self.scheduler_cfg
         if sched["name"] == "none" and len(self.schedule) == 1:
             return optimizer
-        total = int(self.trainer.estimated_stepping_batches)
+        total = optimizer_steps(self.trainer)
         epochs = max(1, int(self.trainer.max_epochs or 1))
         per_epoch = max(1, total // epochs)
         warmup = round(float(sched["warmup_epochs"]) * per_epoch)

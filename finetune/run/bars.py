@@ -52,15 +52,39 @@ def terminal_width() -> int:
     return shutil.get_terminal_size((80, 24)).columns
 
 
-class FittingRichBar(RichProgressBar):
-    """Lightning's rich bar with :func:`short_metrics`."""
+def _blocks(trainer: pl.Trainer) -> tuple[int, int] | None:
+    """(optimizer steps per epoch, steps per batch) when the train batches are blocks of several steps."""
+    loader = trainer.train_dataloader
+    steps = getattr(loader, "optimizer_steps_per_epoch", None)
+    return (int(steps), int(loader.steps_per_block)) if steps is not None else None
+
+
+class CountsSteps:
+    """A bar that counts optimizer steps: with resident cached features (cache.resident) one Lightning batch is a
+    block of several, and a bar of batches would show 3/3 for an epoch of 143 steps."""
+
+    @property
+    def total_train_batches(self) -> int | float:
+        blocks = _blocks(self.trainer) if self._trainer is not None else None
+        return blocks[0] if blocks is not None else super().total_train_batches  # type: ignore[misc]
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        blocks = _blocks(trainer)
+        if blocks is not None:
+            batch_idx = min((batch_idx + 1) * blocks[1], blocks[0]) - 1  # the last step this batch took
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)  # type: ignore[misc]
+
+
+class FittingRichBar(CountsSteps, RichProgressBar):
+    """Lightning's rich bar with :func:`short_metrics`, counting optimizer steps."""
 
     def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
         return short_metrics(super().get_metrics(trainer, pl_module), terminal_width() - RICH_BAR_COLUMNS)
 
 
-class FittingTqdmBar(TQDMProgressBar):
-    """Lightning's tqdm bar with :func:`short_metrics`."""
+class FittingTqdmBar(CountsSteps, TQDMProgressBar):
+    """Lightning's tqdm bar with :func:`short_metrics`, counting optimizer steps."""
 
     def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
         return short_metrics(super().get_metrics(trainer, pl_module), terminal_width() - TQDM_BAR_COLUMNS)

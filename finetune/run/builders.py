@@ -117,6 +117,60 @@ def decide_cache(cfg: FinetuneConfig, frozen_prefix_len: int, augment: bool) -> 
     return True, ""
 
 
+def training_processes(cfg: FinetuneConfig) -> int | None:
+    """How many processes Lightning will train in (None: not known before it starts)."""
+    trainer = cfg.trainer
+    if int(trainer.num_nodes or 1) > 1:
+        return None
+    if str(trainer.strategy) not in ("auto", "single_device"):
+        return None  # ddp, fsdp, deepspeed ... (a world of one too: its hooks differ)
+    devices = trainer.devices
+    if devices in ("auto", -1, "-1"):
+        if str(trainer.accelerator) == "cpu" or not torch.cuda.is_available():
+            return 1
+        return max(1, torch.cuda.device_count())
+    if isinstance(devices, int):
+        return devices
+    if isinstance(devices, list | tuple):
+        return len(devices)
+    if isinstance(devices, str) and devices.strip().isdigit():
+        return int(devices)
+    return None
+
+
+def decide_blocks(cfg: FinetuneConfig) -> tuple[int, str]:
+    """Optimizer steps per Lightning step on cached features (0: one step per batch), and why not when 0.
+
+    Blocks need manual optimization, where Lightning neither clips nor accumulates gradients, and train
+    batches that are whole blocks (no batch limits, no mid-epoch validation, no lr_find sweep); the
+    resident features are one process's (no DDP).
+    """
+    if cfg.cache.resident is False:
+        return 0, ""
+    trainer = cfg.trainer
+    why = ""
+    if training_processes(cfg) != 1:
+        why = "the run is not a single process (trainer.devices, strategy or num_nodes)"
+    elif int(trainer.accumulate_grad_batches) != 1:
+        why = "trainer.accumulate_grad_batches is set"
+    elif trainer.gradient_clip_val:
+        why = "trainer.gradient_clip_val is set"
+    elif cfg.tune.lr_find:
+        why = "tune.lr_find is on"
+    elif trainer.fast_dev_run:
+        why = "trainer.fast_dev_run is on"
+    elif trainer.limit_train_batches not in (None, 1, 1.0) or trainer.overfit_batches not in (None, 0, 0.0):
+        why = "trainer.limit_train_batches or overfit_batches is set"
+    elif trainer.val_check_interval not in (None, 1, 1.0):
+        why = "trainer.val_check_interval is set"
+    if not why:
+        return int(cfg.cache.steps_per_block), ""
+    if cfg.cache.resident is True:
+        raise SetupError(f"cache.resident=true cannot hold this run's train features on the device: {why}. Set "
+                         f"cache.resident=auto (batches are then read from the cache files), or change that setting.")
+    return 0, f"feature cache: one optimizer step per batch read from the cache files, because {why}."
+
+
 def use_channels_last(cfg: FinetuneConfig) -> bool:
     """``auto``: channels_last, for training and for the frozen-prefix extraction alike, on CPU and CUDA.
 
@@ -176,11 +230,17 @@ def build_datamodule(
     }
     folder = Path(cfg.cache.dir).expanduser() / f"{cfg.backbone.name.replace('/', '_')}-{cache_key(meta)}"
     module.input_stage = prefix_len
+    steps_per_block, note = decide_blocks(cfg)
+    if note:
+        log.info(note)
+    if steps_per_block:
+        module.use_blocks(steps_per_block)
     return FeatureCacheDataModule(
         images, frozen_prefix(module.backbone, prefix_len), folder, meta, batch_size=cfg.data.batch_size,
         num_workers=resolve_num_workers(cfg.data.num_workers), dtype=meta["dtype"],
         train_views=views, channels_last=use_channels_last(cfg), balanced=cfg.data.balanced_sampler,
-        extract_batch_size=cfg.cache.batch_size, seed=cfg.seed,
+        extract_batch_size=cfg.cache.batch_size, seed=cfg.seed, steps_per_block=steps_per_block,
+        resident=cfg.cache.resident,
     )
 
 

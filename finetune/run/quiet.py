@@ -15,6 +15,9 @@ WARNINGS = (
     (r".*isinstance\(treespec, LeafSpec\)` is deprecated.*", Warning),  # Lightning's pytree copy on torch >= 2.10
     (r".*module\(s\) in eval mode.*", Warning),  # frozen stages are in eval on purpose (BatchNorm stays put)
 )
+# Lightning compares log_every_n_steps with its batches; a block of several optimizer steps is one batch,
+# and the step loss is logged per optimizer step (FinetuneModule._manual_steps): the warning is wrong there.
+BLOCKS_WARNING = r"The number of training batches \(\d+\) is smaller than the logging interval"
 # Lightning's advertisements and bookkeeping, logged at INFO on every run
 LOG_PREFIXES = ("💡 Tip:", "Loading `train_dataloader` to estimate number of stepping batches")
 
@@ -34,3 +37,9 @@ def quiet_known_noise() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropTips) for f in logger.filters):
             logger.addFilter(_DropTips())
+
+
+def quiet_block_logging_warning() -> None:
+    """For runs whose train batches are blocks of optimizer steps (cache.resident)."""
+    if os.environ.get("FINETUNE_VERBOSE", "") in ("", "0"):
+        warnings.filterwarnings("ignore", message=BLOCKS_WARNING)

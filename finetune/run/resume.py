@@ -139,11 +139,29 @@ class ResumeInEpoch(pl.Callback):
     def __init__(self) -> None:
         self._first_batch: int | None = None  # batch index the resumed epoch must go on with
         self._quiet: tuple | None = None  # the warnings filter hiding Lightning's mid-epoch warning
+        self.samples_per_batch: int | None = None  # of this run's train loader; a checkpoint records it
+        self._recorded: int | None = None  # what the checkpoint resumed from recorded
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"samples_per_batch": self.samples_per_batch} if self.samples_per_batch is not None else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._recorded = state_dict.get("samples_per_batch")
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if restarted_inside_epoch(trainer):
             replay_epoch_start(trainer, pl_module)
+        samplers = train_samplers(trainer)
+        self.samples_per_batch = samplers[0][1] if samplers else None
         done = batches_done(trainer)
+        if done and self._recorded is not None and self.samples_per_batch not in (None, self._recorded):
+            raise SetupError(
+                f"Cannot resume inside epoch {trainer.current_epoch}: the interrupted run took train batches of "
+                f"{self._recorded} samples and this one takes {self.samples_per_batch} (cache.resident or "
+                f"cache.steps_per_block differ, or the features no longer fit on the device), so Lightning's "
+                f"count of done batches means other samples here. Resume with the interrupted run's cache "
+                f"settings (its resolved_config.yaml), e.g. cache.resident=false if it read batches from the files."
+            )
         if not position_train_loaders(trainer, done):
             if done:
                 log.warning("resumed at batch %d of epoch %d, but the train loader draws no EpochSampler order "
@@ -227,10 +245,14 @@ def batches_done(trainer: pl.Trainer) -> int:
 
 
 def train_samplers(trainer: pl.Trainer) -> list[tuple[EpochSampler, int]]:
-    """(EpochSampler, batch size) of each train loader that draws its order from one."""
+    """(EpochSampler, samples per batch) of each train loader that draws its order from one."""
     combined = getattr(trainer.fit_loop, "_combined_loader", None)
     found = []
     for loader in getattr(combined, "flattened", []):
+        blocks = getattr(loader, "samples_per_batch", None)  # finetune.data.resident.BlockLoader
+        if isinstance(loader.sampler if blocks else None, EpochSampler) and isinstance(blocks, int):
+            found.append((loader.sampler, blocks))
+            continue
         batch_sampler = getattr(loader, "batch_sampler", None)
         sampler = getattr(batch_sampler, "sampler", None)
         sampler = getattr(loader, "sampler", None) if sampler is None else sampler
@@ -278,12 +300,16 @@ class FiniteLoss(pl.Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        if loss is None:
+        # a block of several optimizer steps (cache.resident) returns each step's loss under "losses"
+        losses = outputs.get("losses", outputs.get("loss")) if isinstance(outputs, dict) else outputs
+        if losses is None:
             return
-        self._losses.append(loss.detach())
-        self._steps.append(trainer.global_step - 1)  # the optimizer step that produced this loss
-        if len(self._losses) >= self.every:
+        losses = losses.detach().reshape(-1)
+        first = int(outputs.get("first_step", trainer.global_step - len(losses))) if isinstance(outputs, dict) \
+            else trainer.global_step - 1  # the optimizer step that produced this loss
+        self._losses.append(losses)
+        self._steps.extend(range(first, first + len(losses)))
+        if len(self._steps) >= self.every:
             self._raise_if_bad(trainer)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -294,7 +320,7 @@ class FiniteLoss(pl.Callback):
         self._losses, self._steps = [], []
         if not losses:
             return
-        finite = torch.isfinite(torch.stack(losses).float())
+        finite = torch.isfinite(torch.cat(losses).float())
         if bool(finite.all()):
             return
         first = steps[int((~finite).nonzero()[0])]

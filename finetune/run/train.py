@@ -32,7 +32,7 @@ from finetune.run.builders import (
     use_channels_last,
 )
 from finetune.run.outputs import TrainingPeakMemory
-from finetune.run.quiet import quiet_known_noise
+from finetune.run.quiet import quiet_block_logging_warning, quiet_known_noise
 from finetune.run.run_dir import SUMMARY_NAME
 from finetune.run.setup import Prepared, prepare_run
 from finetune.run.summary import device_name, make_summary, write_run_files
@@ -63,6 +63,8 @@ def fit_and_test(cfg: FinetuneConfig) -> dict[str, Any]:
         return run
     module = build_module(cfg, run.splits, run.identity)
     datamodule = build_datamodule(cfg, run.splits, module)
+    if module.steps_per_block > 1:
+        quiet_block_logging_warning()
     if use_channels_last(cfg):
         module = module.to(memory_format=torch.channels_last)
     fit_module = torch.compile(module) if cfg.speed.compile else module
@@ -85,6 +87,10 @@ def fit_and_test(cfg: FinetuneConfig) -> dict[str, Any]:
     finally:
         module.attach_frozen_prefix()
     extra["peak_memory"], extra["peak_memory_training"] = memory.overall(), memory.training
+    if isinstance(datamodule, FeatureCacheDataModule):  # how the cached features were served (cache.resident)
+        resident = bool(datamodule.resident)
+        extra["cached_batches"] = {"resident": resident,
+                                   "optimizer_steps_per_batch": datamodule.steps_per_block if resident else 1}
     checkpoint = trainer.checkpoint_callback
     best_score = getattr(checkpoint, "best_model_score", None)
     summary = make_summary(
