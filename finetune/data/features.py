@@ -559,8 +559,8 @@ class FeatureCacheDataModule(pl.LightningDataModule):
 
     def _resident_splits(self, device: torch.device) -> dict[str, ResidentFeatures]:
         """Every split on ``device`` (cache.resident); under auto only when they fit, else none (DataLoaders)."""
-        shards = {split: self.datasets[split] for split in SPLITS}
-        if self.resident_setting is False or not all(isinstance(d, FeatureDataset) for d in shards.values()):
+        shards = {split: self.datasets[split] for split in SPLITS}  # one process: each split is one shard
+        if self.resident_setting is False:
             return {}
         size = sum(nbytes(d.features, d.labels) for d in shards.values())
         if self.resident_setting == "auto":
@@ -576,29 +576,27 @@ class FeatureCacheDataModule(pl.LightningDataModule):
                  time.perf_counter() - started)
         return stores
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+    def _loader(self, split: str, shuffle: bool) -> DataLoader | BlockLoader:
+        """The split's batches: blocks from the device when it is resident, else a DataLoader over the files.
+
+        Either way the image path's batches: same sampler, and a short last train batch dropped there and here.
+        """
         from finetune.data.datamodule import private_generator, train_sampler
 
         dataset = self.datasets[split]
-        # same batches as the image path: same sampler, and a short last train batch dropped there and here
-        return DataLoader(dataset, batch_size=self.batch_size,
-                          sampler=train_sampler(dataset, self.seed, self.balanced) if shuffle else None,
+        sampler = train_sampler(dataset, self.seed, self.balanced) if shuffle else None
+        drop_last = shuffle and len(dataset) > self.batch_size
+        if self.resident:
+            return BlockLoader(self.resident[split], sampler, self.batch_size, self.steps_per_block, drop_last)
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler,
                           generator=private_generator(self.seed), num_workers=0,
-                          pin_memory=torch.cuda.is_available(), collate_fn=keep_batch,
-                          drop_last=shuffle and len(dataset) > self.batch_size)
-
-    def _blocks(self, split: str, shuffle: bool) -> BlockLoader:
-        from finetune.data.datamodule import train_sampler
-
-        dataset = self.datasets[split]
-        return BlockLoader(self.resident[split], train_sampler(dataset, self.seed, self.balanced) if shuffle else None,
-                           self.batch_size, self.steps_per_block, drop_last=shuffle and len(dataset) > self.batch_size)
+                          pin_memory=torch.cuda.is_available(), collate_fn=keep_batch, drop_last=drop_last)
 
     def train_dataloader(self) -> DataLoader | BlockLoader:
-        return self._blocks("train", True) if self.resident else self._loader("train", shuffle=True)
+        return self._loader("train", shuffle=True)
 
     def val_dataloader(self) -> DataLoader | BlockLoader:
-        return self._blocks("val", False) if self.resident else self._loader("val", shuffle=False)
+        return self._loader("val", shuffle=False)
 
     def test_dataloader(self) -> DataLoader | BlockLoader:
-        return self._blocks("test", False) if self.resident else self._loader("test", shuffle=False)
+        return self._loader("test", shuffle=False)

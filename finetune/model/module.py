@@ -234,6 +234,7 @@ class FinetuneModule(pl.LightningModule):
         self.epoch_means = {"train": EpochMeans(), "val": EpochMeans(), "test": EpochMeans()}  # this epoch's
         self._fingerprints: dict[tuple[str, ...], str] = {}
         self.steps_per_block = 1  # optimizer steps per train batch at most (use_blocks)
+        self._step_plan: tuple[bool, list] = (False, [])  # direct steps?, EMA callbacks (on_train_start)
         if self.omitted_stages:  # now, as the source gave them: later the module may be cast (bf16-true)
             self.frozen_fingerprint(self.omitted_stages)
 
@@ -378,6 +379,18 @@ class FinetuneModule(pl.LightningModule):
         logits = self(x)
         return logits, lam * self.criterion(logits, y) + (1 - lam) * self.criterion(logits, y[perm])
 
+    def on_train_start(self) -> None:
+        """What each manual step takes, decided once per fit: direct steps or Lightning's, and the EMA callbacks."""
+        if not self.automatic_optimization:
+            from pytorch_lightning.callbacks import WeightAveraging
+
+            trainer = self.trainer
+            self._step_plan = (hookless_steps(trainer),
+                               [cb for cb in trainer.callbacks if isinstance(cb, WeightAveraging)])
+
+    def on_train_end(self) -> None:
+        self._step_plan = (False, [])  # no callback references kept past the fit
+
     def use_blocks(self, steps_per_block: int) -> None:
         """Train with manual optimization: a batch may be a :class:`~finetune.model.blocks.FeatureBlock` of
         several minibatches, each one optimizer step (cache.resident; :meth:`_manual_steps`)."""
@@ -432,14 +445,11 @@ class FinetuneModule(pl.LightningModule):
         step loss goes to the loggers at the steps the automatic loop logs (``log_every_n_steps``), and the
         loop's logging step counter advances by the steps taken, so every metric keeps its step number.
         """
-        from pytorch_lightning.callbacks import WeightAveraging
-
         block = batch if isinstance(batch, FeatureBlock) else FeatureBlock(batch[0], batch[1], len(batch[1]))
         trainer = self.trainer
         optimizer = self.optimizers()
         scheduler = self.lr_schedulers()
-        direct = hookless_steps(trainer)
-        averaging = [cb for cb in trainer.callbacks if isinstance(cb, WeightAveraging)]
+        direct, averaging = self._step_plan
         log_every = int(trainer.log_every_n_steps) if trainer.loggers else 0
         first = trainer.global_step
         steps = block.steps if trainer.max_steps < 0 else max(0, min(block.steps, trainer.max_steps - first))
@@ -448,14 +458,13 @@ class FinetuneModule(pl.LightningModule):
         for i in range(steps):
             x, y = block.minibatch(i)
             out, loss = self._train_loss(x, y)
+            raw.zero_grad()
             if direct:  # what Lightning's path does when no hook listens and the precision adds nothing
-                raw.zero_grad()
                 loss.backward()
                 optimizer._on_before_step()  # the loop's step count (trainer.global_step)
                 raw.step()
                 optimizer._on_after_step()
             else:
-                optimizer.zero_grad()
                 self.manual_backward(loss)
                 optimizer.step()
             if scheduler is not None:
@@ -475,8 +484,7 @@ class FinetuneModule(pl.LightningModule):
         # Lightning adds one after the batch: the loggers' step then counts optimizer steps, as without blocks
         trainer.fit_loop.epoch_loop._batches_that_stepped += len(losses) - 1
         self._show_on_bar(losses[-1])
-        return {"loss": losses[-1], "losses": torch.stack(losses) if len(losses) > 1 else losses[-1].reshape(1),
-                "first_step": first}
+        return {"loss": losses[-1], "losses": torch.stack(losses)}  # FiniteLoss checks each step's
 
     def on_train_epoch_start(self) -> None:
         self.epoch_means["train"] = EpochMeans()

@@ -305,8 +305,7 @@ class FiniteLoss(pl.Callback):
         if losses is None:
             return
         losses = losses.detach().reshape(-1)
-        first = int(outputs.get("first_step", trainer.global_step - len(losses))) if isinstance(outputs, dict) \
-            else trainer.global_step - 1  # the optimizer step that produced this loss
+        first = trainer.global_step - len(losses)  # the optimizer step that produced the first of them
         self._losses.append(losses)
         self._steps.extend(range(first, first + len(losses)))
         if len(self._steps) >= self.every:
