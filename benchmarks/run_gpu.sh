@@ -6,7 +6,8 @@
 #   SET=all bash benchmarks/run_gpu.sh    # also cache fidelity, the roofline and framework-overhead runs
 # Needs torch, torchvision, pytorch-lightning, torchmetrics, hydra-core, omegaconf, scikit-learn, pillow.
 # Without the CIFAR-10 subset, the benchmarks fall back to scikit-learn's digits.
-# Budget: about 8 minutes on an H100/H200 for the default set (limits add up to 11.8), 4.5 more for SET=all.
+# Budget: about 11 minutes on an H100/H200 for the default set (limits add up to 17.3), 4.5 more for SET=all;
+# a 15-minute lease that must also start the machine gets the first four whole (about 8 minutes).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-gpu-results}"
@@ -32,6 +33,11 @@ run() {  # run NAME LIMIT_S ARGS...: one benchmark, its log and JSON in $OUT, ne
 
 # issue 18: the cached training phase, resident blocks vs per-step batches vs a plain loop on the GPU
 run resident_loop 120 benchmarks/resident_loop.py --rounds 3 ${DATA_ARGS[@]+"${DATA_ARGS[@]}"}
+# issue 18 (3b, 3c): resnet50 full_finetune from JPEGs (decode=torchvision workers, decode=device nvjpeg) vs the same
+# steps on synthetic device tensors; bf16 + channels_last (+ compile) vs the naive fp32 loop
+run feed_rate 240 benchmarks/feed_rate.py --compile ${DATA_ARGS[@]+"${DATA_ARGS[@]}"}
+# issue 18 (2): decode paths per image, data.decode=device on CUDA (nvjpeg, batched) against the CPU decoders
+run decode_pipeline 90 benchmarks/decode_pipeline.py ${DATA_ARGS[@]+"${DATA_ARGS[@]}"}
 # photo-like files (384 px JPEG): decoding then costs what it does on real data
 run cache_speedup_224_jpeg384 200 benchmarks/cache_speedup.py --image-size 224 --stored-size 384 \
   --stored-format jpeg ${DATA_ARGS[@]+"${DATA_ARGS[@]}"}

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from finetune.data.images import BadImageError, image_loader, open_rgb
+from finetune.data.images import BadImageError, image_loader, open_rgb, per_file_decode
 from finetune.data.transforms import eval_transform
 from finetune.model.backbones import preprocessing_for
 
@@ -100,7 +100,7 @@ def test_torchvision_decode_keeps_exif_orientation_and_the_bad_image_rules(tmp_p
         assert np.array_equal(np.asarray(load(other)), np.asarray(open_rgb(other))), other.name
 
 
-@pytest.mark.parametrize("decode", ["pil_draft", "torchvision"])
+@pytest.mark.parametrize("decode", ["pil_draft", "torchvision", "device"])
 def test_a_run_records_its_decode_and_predict_decodes_the_same_way(compose_cfg, tmp_path: Path, decode: str,
                                                                    monkeypatch, one_torch_thread) -> None:
     import finetune.cli.predict as predict_cli
@@ -122,4 +122,5 @@ def test_a_run_records_its_decode_and_predict_decodes_the_same_way(compose_cfg, 
     monkeypatch.setattr(predict_cli, "image_loader", lambda *args: asked.append(args) or image_loader(*args))
     rows = predict_cli.predict(module, sorted(root.rglob("*.jpg"))[:3], topk=1)
     assert [row["error"] for row in rows] == [None] * 3
-    assert asked == [(decode, preprocessing_of(module).resize_size)]
+    # device: predict reads files one by one, decoded as torchvision decodes them (the same pixels on a CPU)
+    assert asked == [(per_file_decode(decode), preprocessing_of(module).resize_size)]

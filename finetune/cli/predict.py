@@ -26,7 +26,7 @@ from finetune.cli.args import run_command
 from finetune.config.problems import ConfigProblem
 from finetune.config.schema import at_least
 from finetune.data.datamodule import resolve_num_workers
-from finetune.data.images import IMAGE_EXTENSIONS, BadImageError, image_loader, is_image_file, open_rgb
+from finetune.data.images import IMAGE_EXTENSIONS, BadImageError, image_loader, is_image_file, open_rgb, per_file_decode
 from finetune.data.transforms import eval_transform
 from finetune.errors import SetupError
 from finetune.model.checkpoints import class_names_of, load_module, preprocessing_of
@@ -117,7 +117,8 @@ def predict(
     names = class_names_of(module)
     k = min(topk, len(names))
     prep = preprocessing_of(module)
-    files = ImageFiles([Path(p) for p in paths], eval_transform(prep), image_loader(prep.decode, prep.resize_size))
+    read = image_loader(per_file_decode(prep.decode), prep.resize_size)
+    files = ImageFiles([Path(p) for p in paths], eval_transform(prep), read)
     loader = DataLoader(files, batch_size=batch_size, num_workers=workers if len(files) > batch_size else 0,
                         collate_fn=collate, pin_memory=target.type == "cuda")
     rows: list[dict[str, Any]] = [{} for _ in files.paths]

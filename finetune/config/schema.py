@@ -98,6 +98,7 @@ class DecodeMode(Choice):
     pil = "pil"
     pil_draft = "pil_draft"
     torchvision = "torchvision"
+    device = "device"
 
 
 class OnBadImage(Choice):
@@ -244,8 +245,11 @@ class DataConfig:
     check: bool = neutral(True, doc="scan every image before training (data=folder)")
     on_bad_image: OnBadImage = neutral(OnBadImage.skip, doc="skip | error")
     max_pixels: int = neutral(89_478_485, doc="decompression-bomb limit per image")
-    decode: DecodeMode = result(DecodeMode.pil, doc="pil | pil_draft (JPEG at 1/2-1/8 scale when the resize allows) "
-                                                    "| torchvision (torchvision.io.decode_jpeg for JPEGs)")
+    decode: DecodeMode = result(DecodeMode.torchvision,
+                                doc="torchvision (torchvision.io.decode_jpeg for RGB JPEGs, Pillow for the rest) | pil "
+                                    "| pil_draft (JPEG at 1/2-1/8 scale when the resize allows) | device (JPEGs "
+                                    "decoded in batches on the training device, nvjpeg on CUDA, the crop, resize, "
+                                    "flip and normalise there)")
 
     def validate(self) -> None:
         if self.image_size is not None and self.image_size < 32:

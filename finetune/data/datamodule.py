@@ -167,6 +167,7 @@ class ImageDataModule(pl.LightningDataModule):
             persistent_workers=self.num_workers > 0,
             # a last train batch of one image breaks BatchNorm in train mode (and is noise anyway)
             drop_last=shuffle and len(dataset) > self.batch_size,
+            collate_fn=getattr(dataset, "collate", None),  # data.decode=device: undecoded batches (EncodedBatch)
         )
 
     def train_dataloader(self) -> DataLoader:

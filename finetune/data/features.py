@@ -212,7 +212,7 @@ def extract_features(
         prefix = prefix.to(memory_format=torch.channels_last)
     subset = torch.utils.data.Subset(dataset, list(indices))
     loader = DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        pin_memory=device.type == "cuda")
+                        pin_memory=device.type == "cuda", collate_fn=getattr(dataset, "collate", None))
     n = len(subset)
     out: np.memmap | None = None
     labels = np.empty((n,), dtype=np.int64)
@@ -222,7 +222,8 @@ def extract_features(
         with progress(f"extracting {split} features", n * views) as advance:
             for view in range(views):
                 offset = 0
-                for x, y in loader:
+                for batch in loader:
+                    x, y = batch if isinstance(batch, list | tuple) else batch.to(device)  # EncodedBatch: decode
                     x = x.to(device, non_blocking=True)
                     if channels_last and x.ndim == 4:
                         x = x.contiguous(memory_format=torch.channels_last)
@@ -232,7 +233,7 @@ def extract_features(
                         out = np.lib.format.open_memmap(tmp_features, mode="w+", dtype=dtype, shape=shape)
                     target = out[view] if views > 1 else out
                     target[offset:offset + len(h)] = h.astype(dtype, copy=False)
-                    labels[offset:offset + len(h)] = np.asarray(y)
+                    labels[offset:offset + len(h)] = np.asarray(y.cpu())
                     offset += len(h)
                     advance(len(h))
         if out is None:  # empty shard

@@ -16,7 +16,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
@@ -130,6 +130,36 @@ def decode_rgb(
 
 
 JPEG_MAGIC = b"\xff\xd8\xff"
+_ORIENTATION = 0x0112  # EXIF tag: 1 = stored upright
+
+
+def rgb_jpeg_size(data: bytes, path: Path | str, max_pixels: int = MAX_PIXELS) -> tuple[int, int, int] | None:
+    """``(width, height, EXIF orientation)`` when ``data`` is an RGB JPEG whose header passes :func:`open_rgb`'s
+    checks (a refused size raises ``BadImageError``); None for anything libjpeg's fast path should not take
+    (another format, grayscale, CMYK, a header PIL cannot read): :func:`decode_rgb` decodes those or says why not."""
+    if not data.startswith(JPEG_MAGIC):
+        return None
+    try:
+        with Image.open(io.BytesIO(data)) as header:
+            _check_pixels(header, path, max_pixels)
+            if header.mode != "RGB":  # grayscale, CMYK: PIL's conversions, as for every other file
+                return None
+            return header.width, header.height, int(header.getexif().get(_ORIENTATION, 1) or 1)
+    except BadImageError:
+        raise
+    except Exception:  # a header PIL cannot read: decode_rgb names the reason
+        return None
+
+
+def decode_jpeg_quietly(data: Any, **kwargs: Any) -> Any:
+    """torchvision.io.decode_jpeg with libjpeg's warnings as errors ("premature end of data": a truncated file
+    is bad) and without torchvision 0.29's deprecation notice (its decoders move to TorchCodec; they still work)."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warnings.filterwarnings("ignore", message="The image decoding and encoding", category=DeprecationWarning)
+        return decode_jpeg(data, mode=ImageReadMode.RGB, **kwargs)
 
 
 def open_jpeg_tensor(path: Path | str, max_pixels: int = MAX_PIXELS) -> Any:
@@ -137,40 +167,55 @@ def open_jpeg_tensor(path: Path | str, max_pixels: int = MAX_PIXELS) -> Any:
     header checked first as :func:`open_rgb` checks it; any other file, or a JPEG libjpeg's fast path refuses
     (truncated, CMYK, ...), goes through :func:`open_rgb`, which decodes it or says why not."""
     import torch
-    from torchvision.io import ImageReadMode, decode_jpeg
 
     path = Path(path)
     data = _read(path)
-    if not data.startswith(JPEG_MAGIC):
+    if rgb_jpeg_size(data, path, max_pixels) is None:
         return decode_rgb(data, path, max_pixels)[0]
     try:
-        with Image.open(io.BytesIO(data)) as header:
-            _check_pixels(header, path, max_pixels)
-            if header.mode != "RGB":  # grayscale, CMYK: PIL's conversions, as for every other file
-                return decode_rgb(data, path, max_pixels)[0]
-    except BadImageError:
-        raise
-    except Exception:  # a header PIL cannot read: open_rgb's decode names the reason
-        return decode_rgb(data, path, max_pixels)[0]
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")  # libjpeg's "premature end of data" warns: a truncated file is bad
-            # torchvision 0.29 deprecates its image decoders in favour of TorchCodec; they still decode
-            warnings.filterwarnings("ignore", message="The image decoding and encoding", category=DeprecationWarning)
-            return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB,
-                               apply_exif_orientation=True)
+        return decode_jpeg_quietly(torch.frombuffer(bytearray(data), dtype=torch.uint8), apply_exif_orientation=True)
     except Exception:  # corrupt or truncated: PIL's strict decode names the reason
         return decode_rgb(data, path, max_pixels)[0]
 
 
+class EncodedJpeg(NamedTuple):
+    """An RGB JPEG's bytes (1-D uint8 tensor) left undecoded for ``data.decode=device``, with its header's size."""
+
+    data: Any
+    height: int
+    width: int
+
+
+def read_for_device(path: Path | str, max_pixels: int = MAX_PIXELS) -> Any:
+    """``data.decode=device``: an upright RGB JPEG as :class:`EncodedJpeg` (the training device decodes it, in a
+    batch), anything else decoded here as :func:`open_rgb` does (EXIF-rotated JPEGs too: nvjpeg does not rotate)."""
+    import torch
+
+    path = Path(path)
+    data = _read(path)
+    header = rgb_jpeg_size(data, path, max_pixels)
+    if header is None or header[2] != 1:
+        return decode_rgb(data, path, max_pixels)[0]
+    width, height, _ = header
+    return EncodedJpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), height, width)
+
+
 def image_loader(decode: str, resize_side: int, max_pixels: int = MAX_PIXELS) -> Callable[[Path], Any]:
     """The file loader for ``data.decode``: ``pil`` (open_rgb), ``pil_draft`` (JPEG draft to ``resize_side``),
-    ``torchvision`` (decode_jpeg for RGB JPEGs). Picklable, for DataLoader workers."""
+    ``torchvision`` (decode_jpeg for RGB JPEGs), ``device`` (JPEG bytes for the training device to decode, see
+    finetune.data.device_decode). Picklable, for DataLoader workers."""
     if decode == "pil_draft":
         return functools.partial(open_rgb, max_pixels=max_pixels, draft_side=int(resize_side))
     if decode == "torchvision":
         return functools.partial(open_jpeg_tensor, max_pixels=max_pixels)
+    if decode == "device":
+        return functools.partial(read_for_device, max_pixels=max_pixels)
     return functools.partial(open_rgb, max_pixels=max_pixels)
+
+
+def per_file_decode(decode: str) -> str:
+    """The decode where files are read one by one (predict): ``device`` as ``torchvision`` (its pixels on a CPU)."""
+    return "torchvision" if decode == "device" else decode
 
 
 def draft(image: Image.Image, side: int) -> None:

@@ -53,7 +53,7 @@ class Preprocessing:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     interpolation: str = "bilinear"  # torchvision's InterpolationMode value: bicubic for weights trained so
-    decode: str = "pil"  # how files become pixels (data.decode): pil, pil_draft or torchvision
+    decode: str = "pil"  # how files become pixels (data.decode): pil, pil_draft, torchvision or device
 
     def at_size(self, image_size: int | None) -> Preprocessing:
         """Same crop fraction and normalisation at another crop size (tiny test images)."""

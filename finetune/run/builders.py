@@ -28,6 +28,7 @@ from finetune.config.schema import (
 from finetune.config.typed import plain
 from finetune.data.datamodule import ImageDataModule, Transformed, resolve_num_workers
 from finetune.data.datasets import Splits, class_counts, use_decoder
+from finetune.data.device_decode import EncodedImages
 from finetune.data.features import FeatureCacheDataModule, cache_key, frozen_prefix, weights_identity
 from finetune.data.images import image_loader
 from finetune.data.transforms import describe, eval_transform, train_transform
@@ -206,8 +207,10 @@ def build_datamodule(
     eval_tf = eval_transform(prep)
     policy = str(cfg.data.on_bad_image)
     use_decoder(splits, image_loader(prep.decode, prep.resize_size, cfg.data.max_pixels))
-    images = {"train": Transformed(splits.train, train_tf, policy), "val": Transformed(splits.val, eval_tf, policy),
-              "test": Transformed(splits.test, eval_tf, policy)}
+    # device: the same transforms, run on the training device after a batched decode there
+    wrap = EncodedImages if prep.decode == "device" else Transformed
+    images = {"train": wrap(splits.train, train_tf, policy), "val": wrap(splits.val, eval_tf, policy),
+              "test": wrap(splits.test, eval_tf, policy)}
     prefix_len = module.cacheable_prefix
     cached, note = decide_cache(cfg, prefix_len, augment)
     if note:

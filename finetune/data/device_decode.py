@@ -1,0 +1,201 @@
+"""``data.decode=device``: JPEGs leave the DataLoader workers undecoded, and the training device decodes each
+batch at once (nvjpeg on CUDA, libjpeg on a CPU) and crops, resizes, flips and normalises it there as tensors.
+
+The workers keep the work that needs the file: read it, check its header, and draw the image's random crop and
+flip from their own RNG, in the order the CPU transform draws them. A run therefore sees the crops and flips it
+would see under ``data.decode=torchvision``; on a CPU the pixels are that path's exactly, on CUDA nvjpeg's IDCT
+may differ by a level or two (benchmarks/decode_pipeline.py measures it). Files nvjpeg should not take (other
+formats, grayscale, CMYK, EXIF-rotated JPEGs, in-memory datasets) are decoded in the worker as before and only
+transformed on the device. A batch is an :class:`EncodedBatch`: Lightning moves anything with a ``.to`` method
+by calling it, so the decode happens where Lightning moves every batch, and the feature-cache extraction
+calls the same ``.to``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
+
+from finetune.errors import SetupError
+
+log = logging.getLogger(__name__)
+
+_SIZE_ONLY = torch.empty(1, 1, 1)  # expanded to an image's shape: what a crop's make_params reads, no pixels
+
+
+@dataclass(frozen=True)
+class DevicePlan:
+    """A finetune transform (``train_transform`` / ``eval_transform``) split into what a worker draws (random
+    crop box, flip) and what the device applies (the same v2.functional calls the CPU transform makes)."""
+
+    crop: v2.RandomResizedCrop | None = None
+    flip: v2.RandomHorizontalFlip | None = None
+    resize: v2.Resize | None = None
+    center: v2.CenterCrop | None = None
+    mean: tuple[float, ...] = (0.0, 0.0, 0.0)
+    std: tuple[float, ...] = (1.0, 1.0, 1.0)
+
+    @classmethod
+    def of(cls, transform: v2.Compose) -> DevicePlan:
+        """The plan of one of finetune's transforms: [RandomResizedCrop, (flip)] or [Resize, CenterCrop], then
+        ToImage, ToDtype(float32, scale=True), Normalize; anything else is refused (it would run differently)."""
+        parts: dict[str, Any] = {}
+        allowed = {"crop": v2.RandomResizedCrop, "flip": v2.RandomHorizontalFlip, "resize": v2.Resize,
+                   "center": v2.CenterCrop}
+        for step in transform.transforms:
+            name = next((key for key, kind in allowed.items() if type(step) is kind), None)
+            if name is not None and name not in parts:
+                parts[name] = step
+            elif isinstance(step, v2.Normalize):
+                parts["mean"], parts["std"] = tuple(step.mean), tuple(step.std)
+            elif not (type(step) is v2.ToImage or (type(step) is v2.ToDtype and step.scale)):
+                raise ValueError(f"data.decode=device cannot run {step!r} on the device")
+        plan = cls(**parts)
+        if plan.crop is not None and (plan.resize is not None or plan.center is not None):
+            raise ValueError("data.decode=device runs either a random resized crop or resize + centre crop")
+        return plan
+
+    def draw(self, height: int, width: int) -> torch.Tensor:
+        """This image's random part, drawn in the worker exactly as the CPU transform draws it (the crop's
+        numbers, then the flip's): ``[top, left, height, width, flip]`` as int64."""
+        box = [0, 0, int(height), int(width)]
+        if self.crop is not None:
+            params = self.crop.make_params([_SIZE_ONLY.expand(3, int(height), int(width))])
+            box = [params["top"], params["left"], params["height"], params["width"]]
+        flip = self.flip is not None and bool(torch.rand(1) < self.flip.p)  # as _RandomApplyTransform decides
+        return torch.tensor([*box, int(flip)], dtype=torch.int64)
+
+    def apply(self, image: torch.Tensor, params: Sequence[int]) -> torch.Tensor:
+        """One decoded uint8 CHW image on the device, cropped and resized to the model's input (still uint8)."""
+        top, left, height, width, flip = (int(p) for p in params)
+        if self.crop is not None:
+            image = F.resized_crop(image, top, left, height, width, size=list(self.crop.size),
+                                   interpolation=self.crop.interpolation, antialias=self.crop.antialias)
+        if self.resize is not None:
+            image = F.resize(image, self.resize.size, interpolation=self.resize.interpolation,
+                             max_size=self.resize.max_size, antialias=self.resize.antialias)
+        if self.center is not None:
+            image = F.center_crop(image, list(self.center.size))
+        if flip:
+            image = F.horizontal_flip(image)
+        return image
+
+    def finish(self, images: torch.Tensor) -> torch.Tensor:
+        """A stacked uint8 NCHW batch as the model's float32 input: scaled to [0, 1], then normalised."""
+        return F.normalize(F.to_dtype(images, torch.float32, scale=True), list(self.mean), list(self.std))
+
+
+def as_pixels(image: Any) -> torch.Tensor:
+    """A decoded picture (PIL RGB, or a uint8 CHW tensor) as a contiguous uint8 CHW tensor."""
+    if isinstance(image, torch.Tensor):
+        return image.contiguous()
+    return F.pil_to_tensor(image).contiguous()
+
+
+class EncodedImages(Dataset):
+    """(image, label) pairs of another dataset as what the device finishes: JPEG bytes (or pixels, for what the
+    worker had to decode) with the image's drawn crop and flip. Its ``collate`` makes the :class:`EncodedBatch`."""
+
+    def __init__(self, base: Dataset, transform: v2.Compose, on_bad_image: str = "skip") -> None:
+        self.base = base
+        self.plan = DevicePlan.of(transform)
+        self.on_bad_image = on_bad_image
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def _name(self, i: int) -> str:
+        samples = getattr(self.base, "samples", None)
+        return str(samples[i][0]) if samples is not None else f"image #{i}"
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int, str]:
+        from finetune.data.images import EncodedJpeg
+
+        image, label = self.base[i]
+        if isinstance(image, EncodedJpeg):
+            data, height, width = image.data, image.height, image.width
+        else:
+            data = as_pixels(image)
+            height, width = data.shape[-2:]
+        return data, self.plan.draw(height, width), int(label), self._name(i)
+
+    def collate(self, items: Sequence[tuple[torch.Tensor, torch.Tensor, int, str]]) -> EncodedBatch:
+        data, params, labels, names = zip(*items, strict=True)
+        return EncodedBatch(list(data), torch.stack(params), torch.tensor(labels, dtype=torch.int64), list(names),
+                            self.plan, self.on_bad_image)
+
+
+class EncodedBatch:
+    """One DataLoader batch before decoding; ``.to(device)`` returns the ``(images, labels)`` the model trains on."""
+
+    def __init__(self, images: list[torch.Tensor], params: torch.Tensor, labels: torch.Tensor, names: list[str],
+                 plan: DevicePlan, on_bad_image: str = "skip") -> None:
+        self.images, self.params, self.labels, self.names = images, params, labels, names
+        self.plan, self.on_bad_image = plan, on_bad_image
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def pin_memory(self) -> EncodedBatch:
+        """For the DataLoader's pin_memory thread: nvjpeg reads the bytes from the host, the pixels copy faster."""
+        return EncodedBatch([t.pin_memory() for t in self.images], self.params, self.labels.pin_memory(),
+                            self.names, self.plan, self.on_bad_image)
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        device = torch.device(device)
+        decoded = decode_images(self.images, self.names, device, non_blocking)
+        keep = [i for i, image in enumerate(decoded) if image is not None]
+        if len(keep) < len(decoded):
+            bad = ", ".join(self.names[i] for i, image in enumerate(decoded) if image is None)
+            if self.on_bad_image == "error" or not keep:
+                raise SetupError(f"{bad} could not be decoded on {device}. Fix or delete the file(s), or rerun with "
+                                 "data.on_bad_image=skip (or python -m finetune.check on the data).")
+            log.warning("skipping %s: it could not be decoded on %s (this batch is %d images short)",
+                        bad, device, len(decoded) - len(keep))
+        crops = [self.plan.apply(decoded[i], self.params[i].tolist()) for i in keep]
+        labels = self.labels if len(keep) == len(decoded) else self.labels[keep]
+        return self.plan.finish(torch.stack(crops)), labels.to(device, non_blocking=non_blocking)
+
+
+def decode_images(images: Sequence[torch.Tensor], names: Sequence[str], device: torch.device,
+                  non_blocking: bool = False) -> list[torch.Tensor | None]:
+    """uint8 CHW pixels on ``device`` for each item: 1-D items are JPEG bytes, decoded in one batched call (nvjpeg
+    on CUDA); 3-D items were decoded by the worker and are only copied. None for a file that cannot be decoded."""
+    from finetune.data.images import decode_jpeg_quietly
+
+    out: list[torch.Tensor | None] = [None] * len(images)
+    encoded = [i for i, image in enumerate(images) if image.ndim == 1]
+    for i, image in enumerate(images):
+        if image.ndim != 1:
+            out[i] = image.to(device, non_blocking=non_blocking)
+    if encoded:
+        try:
+            batch = decode_jpeg_quietly([images[i] for i in encoded], device=device)
+        except Exception:  # one bad file fails the batched call (no partial results): one by one
+            batch = [decode_one(images[i], names[i], device) for i in encoded]
+        for i, image in zip(encoded, batch, strict=True):
+            out[i] = image
+    return out
+
+
+def decode_one(data: torch.Tensor, name: str, device: torch.device) -> torch.Tensor | None:
+    """One JPEG the batched call refused: decode_jpeg alone, else Pillow's strict decode, else None (unusable)."""
+    from finetune.data.images import BadImageError, decode_jpeg_quietly, decode_rgb
+
+    try:
+        return decode_jpeg_quietly(data, device=device)
+    except Exception:
+        pass
+    try:
+        image, _ = decode_rgb(data.numpy().tobytes(), name)
+    except BadImageError as error:
+        log.warning("cannot decode %s (%s)", name, error.reason)
+        return None
+    return as_pixels(image).to(device)
