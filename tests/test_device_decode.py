@@ -94,8 +94,9 @@ def test_files_the_worker_decodes_are_within_a_level(tmp_path: Path) -> None:
 
 
 def test_a_batch_with_a_file_that_stops_decoding(tmp_path: Path, caplog) -> None:
-    """A truncated JPEG passes the header check in the worker; the device's decode refuses it. skip: the batch
-    is one image short and the log names the file; error: a SetupError names it."""
+    """A truncated JPEG passes the header check in the worker; the device's decode refuses it. skip: the next
+    image of the batch takes its place (the batch keeps its size) and the log names the file; error: a
+    SetupError names it."""
     good = [_photo(tmp_path / f"{i}.jpg", 80, 64, i) for i in range(3)]
     whole = good[0].read_bytes()
     broken = tmp_path / "broken.jpg"
@@ -110,7 +111,8 @@ def test_a_batch_with_a_file_that_stops_decoding(tmp_path: Path, caplog) -> None
         if policy == "skip":
             with caplog.at_level(logging.WARNING):
                 x, y = batch.to("cpu")
-            assert x.shape[0] == 3 and y.tolist() == [0, 0, 1]
+            assert x.shape[0] == 4 and y.tolist() == [0, 0, 0, 1]
+            assert torch.equal(x[1], x[2])  # good[1], with its own crop, in the broken file's place
             assert "broken.jpg" in caplog.text
         else:
             with pytest.raises(SetupError, match=r"broken\.jpg could not be decoded on cpu"):
@@ -179,3 +181,25 @@ def test_a_device_decode_run_trains_what_a_torchvision_decode_run_trains(compose
     assert test_tv == test_dev
     assert state_tv.keys() == state_dev.keys()
     assert all(torch.equal(state_tv[k], state_dev[k]) for k in state_tv), "weights differ"
+
+
+def test_a_cached_run_with_a_file_that_stops_decoding_fills_every_row(compose_cfg, tmp_path: Path,
+                                                                      one_torch_thread) -> None:
+    """feature_extractor with the data check off: the extraction's batch keeps its size, so every cached row
+    holds a real image's features and label (a shorter batch left the last rows unwritten)."""
+    from finetune.run.train import train
+
+    root = tmp_path / "images"
+    samples = _tree(root, per_class=6)
+    whole = samples[0][0].read_bytes()
+    samples[0][0].write_bytes(whole[: len(whole) // 2])
+    cfg = compose_cfg("backbone=resnet18", "backbone.weights=none", "data=folder", f"data.root={root}",
+                      "data.image_size=32", "data.num_workers=0", "data.batch_size=4", "trainer.max_epochs=1",
+                      "logger=none", "data.decode=device", "data.check=false", "strategy=feature_extractor")
+    summary = train(cfg)
+    cache = Path(summary["feature_cache"])
+    for labels in cache.glob("*.labels.npy"):
+        assert set(np.load(labels).tolist()) <= {0, 1}, labels.name
+        features = np.load(str(labels).replace(".labels.", ".features."))
+        assert (np.abs(features.reshape(len(features), -1)).sum(axis=1) > 0).all(), f"unwritten rows: {labels.name}"
+    assert 0.0 <= summary["test"]["acc"] <= 1.0

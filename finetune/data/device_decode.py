@@ -151,17 +151,25 @@ class EncodedBatch:
     def to(self, device: torch.device | str, non_blocking: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         device = torch.device(device)
         decoded = decode_images(self.images, self.names, device, non_blocking)
-        keep = [i for i, image in enumerate(decoded) if image is not None]
-        if len(keep) < len(decoded):
-            bad = ", ".join(self.names[i] for i, image in enumerate(decoded) if image is None)
-            if self.on_bad_image == "error" or not keep:
-                raise SetupError(f"{bad} could not be decoded on {device}. Fix or delete the file(s), or rerun with "
-                                 "data.on_bad_image=skip (or python -m finetune.check on the data).")
-            log.warning("skipping %s: it could not be decoded on %s (this batch is %d images short)",
-                        bad, device, len(decoded) - len(keep))
-        crops = [self.plan.apply(decoded[i], self.params[i].tolist()) for i in keep]
-        labels = self.labels if len(keep) == len(decoded) else self.labels[keep]
+        order = list(range(len(decoded)))
+        if any(image is None for image in decoded):
+            order = self._replace_bad(decoded, device)
+        crops = [self.plan.apply(decoded[i], self.params[i].tolist()) for i in order]  # type: ignore[arg-type]
+        labels = self.labels if order == list(range(len(decoded))) else self.labels[order]
         return self.plan.finish(torch.stack(crops)), labels.to(device, non_blocking=non_blocking)
+
+    def _replace_bad(self, decoded: list[torch.Tensor | None], device: torch.device) -> list[int]:
+        """Each undecodable image's place goes to the next good one of the batch (with its label and crop), as
+        ImageFileDataset hands out the next good file: the batch keeps its size, a feature cache its row count."""
+        bad = [i for i, image in enumerate(decoded) if image is None]
+        names = ", ".join(self.names[i] for i in bad)
+        if self.on_bad_image == "error" or len(bad) == len(decoded):
+            raise SetupError(f"{names} could not be decoded on {device}. Fix or delete the file(s), or rerun with "
+                             "data.on_bad_image=skip (python -m finetune.check on the data lists every bad file).")
+        log.warning("skipping %s: it could not be decoded on %s (the next image of its batch takes its place)",
+                    names, device)
+        n = len(decoded)
+        return [next((i + k) % n for k in range(n) if decoded[(i + k) % n] is not None) for i in range(n)]
 
 
 def decode_images(images: Sequence[torch.Tensor], names: Sequence[str], device: torch.device,
@@ -178,7 +186,9 @@ def decode_images(images: Sequence[torch.Tensor], names: Sequence[str], device: 
     if encoded:
         try:
             batch = decode_jpeg_quietly([images[i] for i in encoded], device=device)
-        except Exception:  # one bad file fails the batched call (no partial results): one by one
+        except Exception as error:  # one bad file fails the batched call (no partial results): one by one
+            log.info("batched decode on %s failed (%s: %s); this batch is decoded one file at a time", device,
+                     type(error).__name__, str(error)[:200])
             batch = [decode_one(images[i], names[i], device) for i in encoded]
         for i, image in zip(encoded, batch, strict=True):
             out[i] = image

@@ -151,15 +151,17 @@ def rgb_jpeg_size(data: bytes, path: Path | str, max_pixels: int = MAX_PIXELS) -
         return None
 
 
-def decode_jpeg_quietly(data: Any, **kwargs: Any) -> Any:
-    """torchvision.io.decode_jpeg with libjpeg's warnings as errors ("premature end of data": a truncated file
-    is bad) and without torchvision 0.29's deprecation notice (its decoders move to TorchCodec; they still work)."""
+def decode_jpeg_quietly(data: Any, device: Any = "cpu", **kwargs: Any) -> Any:
+    """torchvision.io.decode_jpeg without torchvision 0.29's deprecation notice (its decoders move to TorchCodec;
+    they still work). On the CPU libjpeg's warnings are errors ("premature end of data": a truncated file is bad);
+    nvjpeg's are not (a warning there must not send every batch down the slow path)."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
     with warnings.catch_warnings():
-        warnings.simplefilter("error")
+        if str(device) == "cpu":
+            warnings.simplefilter("error")
         warnings.filterwarnings("ignore", message="The image decoding and encoding", category=DeprecationWarning)
-        return decode_jpeg(data, mode=ImageReadMode.RGB, **kwargs)
+        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device, **kwargs)
 
 
 def open_jpeg_tensor(path: Path | str, max_pixels: int = MAX_PIXELS) -> Any:
