@@ -29,8 +29,9 @@ def folder(tmp_path_factory) -> Path:
 
 
 def _run(compose_cfg, folder: Path, name: str, *extra: str, bar: str = "none") -> tuple[dict, dict, str]:
+    strategy = () if any(e.startswith("strategy=") for e in extra) else ("strategy=feature_extractor",)
     cfg = compose_cfg("backbone.weights=none", "data=folder", f"data.root={folder}", "data.image_size=32",
-                      "data.batch_size=4", "data.num_workers=0", "strategy=feature_extractor", "trainer.max_epochs=3",
+                      "data.batch_size=4", "data.num_workers=0", *strategy, "trainer.max_epochs=3",
                       "trainer.log_every_n_steps=3", "logger=csv", *extra)
     with open_dict(cfg):
         cfg.callbacks.progress_bar = bar  # the user's default bar (rich) on one run: it counts blocks then
@@ -46,7 +47,11 @@ def _run(compose_cfg, folder: Path, name: str, *extra: str, bar: str = "none") -
      "data.balanced_sampler=true"),
     # a limit inside a block, no scheduler
     ("trainer.max_steps=7", "scheduler.name=none"),
-], ids=["ema-mixup-views-balanced", "max_steps"])
+    # cached frozen prefix of partial unfreezing: spatial maps, trainable stages with BatchNorm in train mode
+    ("strategy=partial_unfreeze", "strategy.unfreeze_last=1", "data.augment=false"),
+    # gradual unfreezing: a stage joins the optimizer at the milestone epoch, inside the cached run
+    ("strategy=gradual_unfreeze", "strategy.milestones=[1]", "data.augment=false"),
+], ids=["ema-mixup-views-balanced", "max_steps", "partial_unfreeze", "gradual_unfreeze"])
 def test_blocks_train_what_batches_read_per_step_train(compose_cfg, folder: Path, monkeypatch, caplog,
                                                        extra: tuple[str, ...]) -> None:
     per_step = _run(compose_cfg, folder, "per_step", *extra, "cache.resident=false")
