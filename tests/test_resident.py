@@ -51,7 +51,10 @@ def _run(compose_cfg, folder: Path, name: str, *extra: str, bar: str = "none") -
     ("strategy=partial_unfreeze", "strategy.unfreeze_last=1", "data.augment=false"),
     # gradual unfreezing: a stage joins the optimizer at the milestone epoch, inside the cached run
     ("strategy=gradual_unfreeze", "strategy.milestones=[1]", "data.augment=false"),
-], ids=["ema-mixup-views-balanced", "max_steps", "partial_unfreeze", "gradual_unfreeze"])
+    # gradient clipping (by norm, and by value), tight enough to clip every step
+    ("trainer.gradient_clip_val=0.01",),
+    ("trainer.gradient_clip_val=0.001", "trainer.gradient_clip_algorithm=value"),
+], ids=["ema-mixup-views-balanced", "max_steps", "partial_unfreeze", "gradual_unfreeze", "clip-norm", "clip-value"])
 def test_blocks_train_what_batches_read_per_step_train(compose_cfg, folder: Path, monkeypatch, caplog,
                                                        extra: tuple[str, ...]) -> None:
     per_step = _run(compose_cfg, folder, "per_step", *extra, "cache.resident=false")
@@ -118,16 +121,17 @@ def test_runs_that_cannot_take_blocks_say_why(compose_cfg) -> None:
     assert decide() == (32, "")
     assert decide("cache.steps_per_block=8") == (8, "")
     assert decide("cache.resident=false") == (0, "")
-    for override, why in [("trainer.gradient_clip_val=1.0", "trainer.gradient_clip_val is set"),
+    assert decide("trainer.gradient_clip_val=1.0") == (32, "")  # the module clips before each step itself
+    for override, why in [("trainer.gradient_clip_val=1.0 trainer.precision=16-mixed", "a gradient scaler"),
                           ("trainer.accumulate_grad_batches=2", "accumulate_grad_batches"),
                           ("tune.lr_find=true", "tune.lr_find is on"),
                           ("trainer.devices=2", "not a single process"),
                           ("trainer.strategy=ddp", "not a single process"),
                           ("trainer.val_check_interval=0.5", "val_check_interval")]:
-        steps, note = decide(override)
+        steps, note = decide(*override.split())
         assert steps == 0 and why in note and "one optimizer step per batch" in note, (override, note)
     with pytest.raises(SetupError, match=r"cache\.resident=true cannot .* trainer\.gradient_clip_val is set"):
-        decide("cache.resident=true", "trainer.gradient_clip_val=1.0")
+        decide("cache.resident=true", "trainer.gradient_clip_val=1.0", "trainer.precision=16-mixed")
 
 
 def test_a_nan_loss_inside_a_block_names_its_own_step(compose_cfg, folder: Path, monkeypatch) -> None:

@@ -234,6 +234,7 @@ class FinetuneModule(pl.LightningModule):
         self.epoch_means = {"train": EpochMeans(), "val": EpochMeans(), "test": EpochMeans()}  # this epoch's
         self._fingerprints: dict[tuple[str, ...], str] = {}
         self.steps_per_block = 1  # optimizer steps per train batch at most (use_blocks)
+        self.block_clip: tuple[float, str] | None = None  # gradient clipping the module does itself (use_blocks)
         self._step_plan: tuple[bool, list] = (False, [])  # direct steps?, EMA callbacks (on_train_start)
         if self.omitted_stages:  # now, as the source gave them: later the module may be cast (bf16-true)
             self.frozen_fingerprint(self.omitted_stages)
@@ -391,11 +392,13 @@ class FinetuneModule(pl.LightningModule):
     def on_train_end(self) -> None:
         self._step_plan = (False, [])  # no callback references kept past the fit
 
-    def use_blocks(self, steps_per_block: int) -> None:
+    def use_blocks(self, steps_per_block: int, clip: tuple[float, str] | None = None) -> None:
         """Train with manual optimization: a batch may be a :class:`~finetune.model.blocks.FeatureBlock` of
-        several minibatches, each one optimizer step (cache.resident; :meth:`_manual_steps`)."""
+        several minibatches, each one optimizer step (cache.resident; :meth:`_manual_steps`). ``clip``:
+        (trainer.gradient_clip_val, algorithm), applied before each step as Lightning's automatic loop does."""
         self.automatic_optimization = False
         self.steps_per_block = int(steps_per_block)
+        self.block_clip = clip
 
     def _train_loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits and loss of one training minibatch (Mixup / CutMix drawn per minibatch); its loss is kept for
@@ -461,11 +464,15 @@ class FinetuneModule(pl.LightningModule):
             raw.zero_grad()
             if direct:  # what Lightning's path does when no hook listens and the precision adds nothing
                 loss.backward()
+                if self.block_clip:  # the automatic loop's clip_gradients, right before the step
+                    self.clip_gradients(raw, *self.block_clip)
                 optimizer._on_before_step()  # the loop's step count (trainer.global_step)
                 raw.step()
                 optimizer._on_after_step()
             else:
                 self.manual_backward(loss)
+                if self.block_clip:  # no scaler here (decide_blocks); on_before_optimizer_step sees clipped grads
+                    self.clip_gradients(raw, *self.block_clip)
                 optimizer.step()
             if scheduler is not None:
                 scheduler.step()

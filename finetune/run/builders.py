@@ -139,11 +139,15 @@ def training_processes(cfg: FinetuneConfig) -> int | None:
     return None
 
 
+SCALED_PRECISIONS = ("16-mixed", "16")  # a GradScaler: gradients are unscaled inside Lightning's optimizer step
+
+
 def decide_blocks(cfg: FinetuneConfig) -> tuple[int, str]:
     """Optimizer steps per Lightning step on cached features (0: one step per batch), and why not when 0.
 
-    Blocks need manual optimization, where Lightning neither clips nor accumulates gradients, and train
-    batches that are whole blocks (no batch limits, no mid-epoch validation, no lr_find sweep); the
+    Blocks need manual optimization, where Lightning does not accumulate gradients (the module clips them
+    itself, except under a gradient scaler, 16-mixed, whose unscaling happens inside Lightning's step), and
+    train batches that are whole blocks (no batch limits, no mid-epoch validation, no lr_find sweep); the
     resident features are one process's (no DDP).
     """
     if cfg.cache.resident is False:
@@ -154,8 +158,8 @@ def decide_blocks(cfg: FinetuneConfig) -> tuple[int, str]:
         why = "the run is not a single process (trainer.devices, strategy or num_nodes)"
     elif int(trainer.accumulate_grad_batches) != 1:
         why = "trainer.accumulate_grad_batches is set"
-    elif trainer.gradient_clip_val:
-        why = "trainer.gradient_clip_val is set"
+    elif trainer.gradient_clip_val and str(trainer.precision) in SCALED_PRECISIONS:
+        why = f"trainer.gradient_clip_val is set under trainer.precision={trainer.precision} (a gradient scaler)"
     elif cfg.tune.lr_find:
         why = "tune.lr_find is on"
     elif trainer.fast_dev_run:
@@ -237,7 +241,9 @@ def build_datamodule(
     if note:
         log.info(note)
     if steps_per_block:
-        module.use_blocks(steps_per_block)
+        clip = cfg.trainer.gradient_clip_val
+        module.use_blocks(steps_per_block, clip=(float(clip), str(cfg.trainer.gradient_clip_algorithm or "norm"))
+                          if clip else None)
     return FeatureCacheDataModule(
         images, frozen_prefix(module.backbone, prefix_len), folder, meta, batch_size=cfg.data.batch_size,
         num_workers=resolve_num_workers(cfg.data.num_workers), dtype=meta["dtype"],
@@ -327,9 +333,14 @@ def build_loggers(cfg: FinetuneConfig) -> list[Any]:
 
 
 def build_trainer(cfg: FinetuneConfig, callbacks: list[pl.Callback], loggers: list[Any],
-                  train_images: int | None = None) -> pl.Trainer:
-    """The Trainer; with ``train_images``, step logging no sparser than once per epoch (small data)."""
+                  train_images: int | None = None, manual_optimization: bool = False) -> pl.Trainer:
+    """The Trainer; with ``train_images``, step logging no sparser than once per epoch (small data).
+
+    ``manual_optimization`` (cached blocks): the module clips gradients itself (FinetuneModule.use_blocks), and
+    Lightning refuses a Trainer-level gradient_clip_val under manual optimization."""
     extra: dict[str, Any] = {"enable_model_summary": False}  # StageSummary (build_callbacks) tells the truth
+    if manual_optimization:
+        extra["gradient_clip_val"] = None
     if train_images is not None and cfg.trainer.log_every_n_steps is not None:
         extra["log_every_n_steps"] = logging_interval(cfg, train_images)
     if cfg.callbacks.progress_bar == ProgressBar.none:

@@ -71,7 +71,7 @@ def fit_and_test(cfg: FinetuneConfig) -> dict[str, Any]:
     loggers = build_loggers(cfg)
     memory = TrainingPeakMemory()
     trainer = build_trainer(cfg, [*build_callbacks(cfg, has_logger=bool(loggers)), memory], loggers,
-                            train_images=len(run.splits.train))
+                            train_images=len(run.splits.train), manual_optimization=not module.automatic_optimization)
     extra: dict[str, Any] = {}
     module.detach_frozen_prefix()  # on cached features the prefix is not needed until the end: off the device
     try:
