@@ -23,6 +23,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
+from finetune.data.datamodule import Transformed
 from finetune.errors import SetupError
 
 log = logging.getLogger(__name__)
@@ -99,23 +100,15 @@ def as_pixels(image: Any) -> torch.Tensor:
     return F.pil_to_tensor(image).contiguous()
 
 
-class EncodedImages(Dataset):
+class EncodedImages(Transformed):
     """(image, label) pairs of another dataset as what the device finishes: JPEG bytes (or pixels, for what the
     worker had to decode) with the image's drawn crop and flip. Its ``collate`` makes the :class:`EncodedBatch`."""
 
     def __init__(self, base: Dataset, transform: v2.Compose, on_bad_image: str = "skip") -> None:
-        self.base = base
+        super().__init__(base, transform, on_bad_image)
         self.plan = DevicePlan.of(transform)
-        self.on_bad_image = on_bad_image
 
-    def __len__(self) -> int:
-        return len(self.base)  # type: ignore[arg-type]
-
-    def _name(self, i: int) -> str:
-        samples = getattr(self.base, "samples", None)
-        return str(samples[i][0]) if samples is not None else f"image #{i}"
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int, str]:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int, str]:  # type: ignore[override]
         from finetune.data.images import EncodedJpeg
 
         image, label = self.base[i]
