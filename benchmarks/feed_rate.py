@@ -86,7 +86,7 @@ def synthetic(module: torch.nn.Module, args: argparse.Namespace, device: torch.d
     if channels_last:
         model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
     forward = torch.compile(model) if compiled else model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")  # as finetune's auto
 
     def step() -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -152,6 +152,8 @@ def main() -> None:
         module = build_module(to_typed(cache_speedup.compose(base, work, "module")),
                               Splits([], [], [], images.classes))
         bf16 = args.precision.startswith("bf16")
+        print(f"fp32 here: PyTorch's defaults (cuDNN convolutions in TF32: {torch.backends.cudnn.allow_tf32}, "
+              f"matmuls at {torch.get_float32_matmul_precision()!r} precision), as a naive loop gets them")
         loops = {"fp32": (False, False, False), "fast": (bf16, True, False)}
         if args.compile:
             loops["fast+compile"] = (bf16, True, True)
