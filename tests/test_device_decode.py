@@ -19,7 +19,7 @@ from torchvision.transforms import v2
 from finetune.data.datamodule import ImageDataModule, Transformed
 from finetune.data.datasets import ImageFileDataset
 from finetune.data.device_decode import DevicePlan, EncodedBatch, EncodedImages
-from finetune.data.images import EncodedJpeg, image_loader
+from finetune.data.images import BadImageError, EncodedJpeg, image_loader
 from finetune.data.transforms import eval_transform, train_transform
 from finetune.errors import SetupError
 from finetune.model.backbones import preprocessing_for
@@ -100,7 +100,8 @@ def test_a_batch_with_a_file_that_stops_decoding(tmp_path: Path, caplog) -> None
     good = [_photo(tmp_path / f"{i}.jpg", 80, 64, i) for i in range(3)]
     whole = good[0].read_bytes()
     broken = tmp_path / "broken.jpg"
-    broken.write_bytes(whole[: len(whole) // 2])
+    scan = whole.index(b"\xff\xda") + 20  # a bad marker inside the scan; header and end marker intact
+    broken.write_bytes(whole[:scan] + b"\xff\x99" + whole[scan + 2:])
     samples = [(good[0], 0), (broken, 1), (good[1], 0), (good[2], 1)]
     prep = preprocessing_for("resnet18").at_size(32)
     for policy in ("skip", "error"):
@@ -150,7 +151,13 @@ def test_device_plan_refuses_a_transform_it_would_run_differently() -> None:
 
 
 def test_the_worker_reads_bytes_only_for_upright_rgb_jpegs(tmp_path: Path) -> None:
+    """Other files, and JPEGs without their end marker (truncated), are decoded in the worker: a truncated file
+    is refused there as on every other path, whatever the device's decoder would make of it."""
     read = image_loader("device", 116)
+    whole = _photo(tmp_path / "whole.jpg", 120, 90, 0).read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(BadImageError, match="truncated or corrupt"):
+        read(tmp_path / "cut.jpg")
     upright = read(_photo(tmp_path / "a.jpg", 120, 90, 0))
     assert isinstance(upright, EncodedJpeg) and (upright.height, upright.width) == (90, 120)
     assert upright.data.dtype == torch.uint8 and upright.data.ndim == 1
@@ -160,6 +167,8 @@ def test_the_worker_reads_bytes_only_for_upright_rgb_jpegs(tmp_path: Path) -> No
 
 @pytest.mark.parametrize("overrides", [
     ("strategy=full_finetune", "data.augment=true"),
+    # the precision's input cast: Lightning's runs before the move, this batch is pixels only after it
+    ("strategy=full_finetune", "data.augment=false", "trainer.precision=bf16-true"),
     ("strategy=feature_extractor",),  # the cache's extraction decodes through the same batches
 ])
 def test_a_device_decode_run_trains_what_a_torchvision_decode_run_trains(compose_cfg, tmp_path: Path, overrides,
@@ -192,7 +201,8 @@ def test_a_cached_run_with_a_file_that_stops_decoding_fills_every_row(compose_cf
     root = tmp_path / "images"
     samples = _tree(root, per_class=6)
     whole = samples[0][0].read_bytes()
-    samples[0][0].write_bytes(whole[: len(whole) // 2])
+    scan = whole.index(b"\xff\xda") + 20  # header and end marker intact: the device's decode refuses it
+    samples[0][0].write_bytes(whole[:scan] + b"\xff\x99" + whole[scan + 2:])
     cfg = compose_cfg("backbone=resnet18", "backbone.weights=none", "data=folder", f"data.root={root}",
                       "data.image_size=32", "data.num_workers=0", "data.batch_size=4", "trainer.max_epochs=1",
                       "logger=none", "data.decode=device", "data.check=false", "strategy=feature_extractor")
@@ -203,3 +213,40 @@ def test_a_cached_run_with_a_file_that_stops_decoding_fills_every_row(compose_cf
         features = np.load(str(labels).replace(".labels.", ".features."))
         assert (np.abs(features.reshape(len(features), -1)).sum(axis=1) > 0).all(), f"unwritten rows: {labels.name}"
     assert 0.0 <= summary["test"]["acc"] <= 1.0
+
+
+def test_a_batch_leaves_its_worker_as_two_tensors(tmp_path: Path) -> None:
+    """Each tensor crossing from a worker costs a shared-memory file descriptor: a batch of 256 images must not
+    cost 256. Under a 64-descriptor limit the loader still reads every file (one tensor per image failed)."""
+    import os
+    import subprocess
+    import sys
+
+    samples = _tree(tmp_path / "images", per_class=4)
+    code = f"""
+import resource
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+from pathlib import Path
+from torch.utils.data import DataLoader
+from finetune.data.datasets import ImageFileDataset
+from finetune.data.device_decode import EncodedImages
+from finetune.data.images import image_loader
+from finetune.data.transforms import train_transform
+from finetune.model.backbones import preprocessing_for
+prep = preprocessing_for("resnet18").at_size(32)
+samples = [(Path(p), y) for p, y in {[(str(p), y) for p, y in samples]!r}] * 128
+data = EncodedImages(ImageFileDataset(samples, image_loader("device", prep.resize_size)), train_transform(prep, True))
+seen = sum(len(batch.to("cpu")[1]) for batch in DataLoader(data, batch_size=256, num_workers=2,
+                                                          collate_fn=data.collate))
+print("seen", seen)
+"""
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split()[-1] == str(len(samples) * 128)
+    assert "Too many open files" not in proc.stderr, proc.stderr[-2000:]
+    data = EncodedImages(ImageFileDataset(samples, image_loader("device", 37)),
+                         eval_transform(preprocessing_for("resnet18").at_size(32)))
+    packed = data.collate([data[i] for i in range(len(samples))])
+    assert sum(isinstance(v, torch.Tensor) for v in vars(packed).values()) == 2

@@ -170,6 +170,16 @@ class ImageDataModule(pl.LightningDataModule):
             collate_fn=getattr(dataset, "collate", None),  # data.decode=device: undecoded batches (EncodedBatch)
         )
 
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        """As Lightning's, plus the precision's input cast for an undecoded batch (data.decode=device): Lightning
+        casts before the move, inside tensors and collections only, and such a batch is pixels only after it."""
+        from finetune.data.device_decode import EncodedBatch
+
+        moved = super().transfer_batch_to_device(batch, device, dataloader_idx)
+        if isinstance(batch, EncodedBatch) and self.trainer is not None:
+            moved = self.trainer.precision_plugin.convert_input(moved)
+        return moved
+
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, shuffle=True)
 

@@ -13,7 +13,10 @@ calls the same ``.to``.
 
 from __future__ import annotations
 
+import copy
+import functools
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -34,12 +37,16 @@ _SIZE_ONLY = torch.empty(1, 1, 1)  # expanded to an image's shape: what a crop's
 @dataclass(frozen=True)
 class DevicePlan:
     """A finetune transform (``train_transform`` / ``eval_transform``) split into what a worker draws (random
-    crop box, flip) and what the device applies (the same v2.functional calls the CPU transform makes)."""
+    crop box, flip) and what the device applies (the same v2.functional calls the CPU transform makes).
 
-    crop: v2.RandomResizedCrop | None = None
-    flip: v2.RandomHorizontalFlip | None = None
-    resize: v2.Resize | None = None
-    center: v2.CenterCrop | None = None
+    Plain numbers only (the v2 modules hold tensors): a plan travels with every batch from its worker, and each
+    tensor there would cost a shared-memory file descriptor.
+    """
+
+    crop: tuple[Any, ...] | None = None  # RandomResizedCrop: (size, scale, ratio, interpolation, antialias)
+    flip: float | None = None  # RandomHorizontalFlip's p
+    resize: tuple[Any, ...] | None = None  # Resize: (size, interpolation, max_size, antialias)
+    center: tuple[int, ...] | None = None  # CenterCrop's size
     mean: tuple[float, ...] = (0.0, 0.0, 0.0)
     std: tuple[float, ...] = (1.0, 1.0, 1.0)
 
@@ -48,42 +55,50 @@ class DevicePlan:
         """The plan of one of finetune's transforms: [RandomResizedCrop, (flip)] or [Resize, CenterCrop], then
         ToImage, ToDtype(float32, scale=True), Normalize; anything else is refused (it would run differently)."""
         parts: dict[str, Any] = {}
-        allowed = {"crop": v2.RandomResizedCrop, "flip": v2.RandomHorizontalFlip, "resize": v2.Resize,
-                   "center": v2.CenterCrop}
         for step in transform.transforms:
-            name = next((key for key, kind in allowed.items() if type(step) is kind), None)
-            if name is not None and name not in parts:
-                parts[name] = step
+            kind = type(step)
+            if kind is v2.RandomResizedCrop and "crop" not in parts:
+                parts["crop"] = (tuple(step.size), tuple(step.scale), tuple(step.ratio), step.interpolation,
+                                 step.antialias)
+            elif kind is v2.RandomHorizontalFlip and "flip" not in parts:
+                parts["flip"] = float(step.p)
+            elif kind is v2.Resize and "resize" not in parts:
+                size = step.size if isinstance(step.size, int) else tuple(step.size)
+                parts["resize"] = (size, step.interpolation, step.max_size, step.antialias)
+            elif kind is v2.CenterCrop and "center" not in parts:
+                parts["center"] = tuple(step.size)
             elif isinstance(step, v2.Normalize):
                 parts["mean"], parts["std"] = tuple(step.mean), tuple(step.std)
-            elif not (type(step) is v2.ToImage or (type(step) is v2.ToDtype and step.scale)):
+            elif not (kind is v2.ToImage or (kind is v2.ToDtype and step.scale)):
                 raise ValueError(f"data.decode=device cannot run {step!r} on the device")
         plan = cls(**parts)
         if plan.crop is not None and (plan.resize is not None or plan.center is not None):
             raise ValueError("data.decode=device runs either a random resized crop or resize + centre crop")
         return plan
 
-    def draw(self, height: int, width: int) -> torch.Tensor:
+    def draw(self, height: int, width: int) -> list[int]:
         """This image's random part, drawn in the worker exactly as the CPU transform draws it (the crop's
-        numbers, then the flip's): ``[top, left, height, width, flip]`` as int64."""
+        numbers, then the flip's): ``[top, left, height, width, flip]``."""
         box = [0, 0, int(height), int(width)]
         if self.crop is not None:
-            params = self.crop.make_params([_SIZE_ONLY.expand(3, int(height), int(width))])
+            params = _crop_drawer(self.crop).make_params([_SIZE_ONLY.expand(3, int(height), int(width))])
             box = [params["top"], params["left"], params["height"], params["width"]]
-        flip = self.flip is not None and bool(torch.rand(1) < self.flip.p)  # as _RandomApplyTransform decides
-        return torch.tensor([*box, int(flip)], dtype=torch.int64)
+        flip = self.flip is not None and bool(torch.rand(1) < self.flip)  # as _RandomApplyTransform decides
+        return [*box, int(flip)]
 
     def apply(self, image: torch.Tensor, params: Sequence[int]) -> torch.Tensor:
         """One decoded uint8 CHW image on the device, cropped and resized to the model's input (still uint8)."""
         top, left, height, width, flip = (int(p) for p in params)
         if self.crop is not None:
-            image = F.resized_crop(image, top, left, height, width, size=list(self.crop.size),
-                                   interpolation=self.crop.interpolation, antialias=self.crop.antialias)
+            size, _, _, interpolation, antialias = self.crop
+            image = F.resized_crop(image, top, left, height, width, size=list(size), interpolation=interpolation,
+                                   antialias=antialias)
         if self.resize is not None:
-            image = F.resize(image, self.resize.size, interpolation=self.resize.interpolation,
-                             max_size=self.resize.max_size, antialias=self.resize.antialias)
+            size, interpolation, max_size, antialias = self.resize
+            image = F.resize(image, size if isinstance(size, int) else list(size), interpolation=interpolation,
+                             max_size=max_size, antialias=antialias)
         if self.center is not None:
-            image = F.center_crop(image, list(self.center.size))
+            image = F.center_crop(image, list(self.center))
         if flip:
             image = F.horizontal_flip(image)
         return image
@@ -91,6 +106,14 @@ class DevicePlan:
     def finish(self, images: torch.Tensor) -> torch.Tensor:
         """A stacked uint8 NCHW batch as the model's float32 input: scaled to [0, 1], then normalised."""
         return F.normalize(F.to_dtype(images, torch.float32, scale=True), list(self.mean), list(self.std))
+
+
+@functools.lru_cache(maxsize=8)
+def _crop_drawer(crop: tuple[Any, ...]) -> v2.RandomResizedCrop:
+    """The v2 transform whose ``make_params`` draws the crop box (built once per worker process)."""
+    size, scale, ratio, interpolation, antialias = crop
+    return v2.RandomResizedCrop(list(size), scale=scale, ratio=ratio, interpolation=interpolation,
+                                antialias=antialias)
 
 
 def as_pixels(image: Any) -> torch.Tensor:
@@ -108,7 +131,7 @@ class EncodedImages(Transformed):
         super().__init__(base, transform, on_bad_image)
         self.plan = DevicePlan.of(transform)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int, str]:  # type: ignore[override]
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, list[int], int, str]:  # type: ignore[override]
         from finetune.data.images import EncodedJpeg
 
         image, label = self.base[i]
@@ -119,27 +142,55 @@ class EncodedImages(Transformed):
             height, width = data.shape[-2:]
         return data, self.plan.draw(height, width), int(label), self._name(i)
 
-    def collate(self, items: Sequence[tuple[torch.Tensor, torch.Tensor, int, str]]) -> EncodedBatch:
-        data, params, labels, names = zip(*items, strict=True)
-        return EncodedBatch(list(data), torch.stack(params), torch.tensor(labels, dtype=torch.int64), list(names),
-                            self.plan, self.on_bad_image)
+    def collate(self, items: Sequence[tuple[torch.Tensor, list[int], int, str]]) -> EncodedBatch:
+        table = torch.tensor([[*params, label] for _, params, label, _ in items], dtype=torch.int64)
+        return EncodedBatch([data for data, *_ in items], table, [name for *_, name in items], self.plan,
+                            self.on_bad_image)
 
 
 class EncodedBatch:
-    """One DataLoader batch before decoding; ``.to(device)`` returns the ``(images, labels)`` the model trains on."""
+    """One DataLoader batch before decoding; ``.to(device)`` returns the ``(images, labels)`` the model trains on.
 
-    def __init__(self, images: list[torch.Tensor], params: torch.Tensor, labels: torch.Tensor, names: list[str],
-                 plan: DevicePlan, on_bad_image: str = "skip") -> None:
-        self.images, self.params, self.labels, self.names = images, params, labels, names
+    The items (JPEG bytes, or pixels the worker decoded) are packed into one flat uint8 buffer with their shapes,
+    and each row of ``table`` is an item's ``[top, left, height, width, flip, label]``: a batch leaves its worker
+    as two tensors, as a stacked (images, labels) batch does. (Each tensor crosses the process boundary as a
+    shared-memory file descriptor: one per image ran into the open-file limit at batch 256.)
+    """
+
+    def __init__(self, images: Sequence[torch.Tensor], table: torch.Tensor, names: list[str], plan: DevicePlan,
+                 on_bad_image: str = "skip") -> None:
+        self.shapes = [tuple(image.shape) for image in images]
+        flat = [image.reshape(-1) for image in images]
+        self.buffer = torch.cat(flat) if flat else torch.empty(0, dtype=torch.uint8)
+        self.table, self.names = table, names
         self.plan, self.on_bad_image = plan, on_bad_image
 
+    @property
+    def images(self) -> list[torch.Tensor]:
+        """The items as views of the buffer: 1-D JPEG bytes, or uint8 CHW pixels."""
+        out, start = [], 0
+        for shape in self.shapes:
+            size = math.prod(shape)
+            out.append(self.buffer[start:start + size].view(shape))
+            start += size
+        return out
+
+    @property
+    def params(self) -> torch.Tensor:
+        return self.table[:, :5]
+
+    @property
+    def labels(self) -> torch.Tensor:
+        return self.table[:, 5]
+
     def __len__(self) -> int:
-        return len(self.images)
+        return len(self.shapes)
 
     def pin_memory(self) -> EncodedBatch:
         """For the DataLoader's pin_memory thread: nvjpeg reads the bytes from the host, the pixels copy faster."""
-        return EncodedBatch([t.pin_memory() for t in self.images], self.params, self.labels.pin_memory(),
-                            self.names, self.plan, self.on_bad_image)
+        pinned = copy.copy(self)
+        pinned.buffer, pinned.table = self.buffer.pin_memory(), self.table.pin_memory()
+        return pinned
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         device = torch.device(device)
@@ -147,7 +198,8 @@ class EncodedBatch:
         order = list(range(len(decoded)))
         if any(image is None for image in decoded):
             order = self._replace_bad(decoded, device)
-        crops = [self.plan.apply(decoded[i], self.params[i].tolist()) for i in order]  # type: ignore[arg-type]
+        params = self.params.tolist()
+        crops = [self.plan.apply(decoded[i], params[i]) for i in order]  # type: ignore[arg-type]
         labels = self.labels if order == list(range(len(decoded))) else self.labels[order]
         return self.plan.finish(torch.stack(crops)), labels.to(device, non_blocking=non_blocking)
 
@@ -173,6 +225,11 @@ def decode_images(images: Sequence[torch.Tensor], names: Sequence[str], device: 
 
     out: list[torch.Tensor | None] = [None] * len(images)
     encoded = [i for i, image in enumerate(images) if image.ndim == 1]
+    if encoded and device.type == "cuda":
+        # torchvision's nvJPEG decode writes on its own stream without waiting for this one, into memory the
+        # caching allocator may hand it while queued kernels still read it (pytorch/vision#9606); it syncs the
+        # host before returning anyway, so waiting first costs little
+        torch.cuda.current_stream(device).synchronize()
     for i, image in enumerate(images):
         if image.ndim != 1:
             out[i] = image.to(device, non_blocking=non_blocking)

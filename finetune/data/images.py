@@ -130,6 +130,7 @@ def decode_rgb(
 
 
 JPEG_MAGIC = b"\xff\xd8\xff"
+JPEG_END = b"\xff\xd9"
 _ORIENTATION = 0x0112  # EXIF tag: 1 = stored upright
 
 
@@ -196,7 +197,9 @@ def read_for_device(path: Path | str, max_pixels: int = MAX_PIXELS) -> Any:
     path = Path(path)
     data = _read(path)
     header = rgb_jpeg_size(data, path, max_pixels)
-    if header is None or header[2] != 1:
+    # not upright, or no end-of-image marker (truncated: Pillow's strict decode says so here, whatever the
+    # device's decoder would do with it)
+    if header is None or header[2] != 1 or not data.rstrip(b"\0").endswith(JPEG_END):
         return decode_rgb(data, path, max_pixels)[0]
     width, height, _ = header
     return EncodedJpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), height, width)

@@ -88,13 +88,17 @@ def fused_setting(value: Any) -> str:
     return setting
 
 
-def use_fused(value: Any, groups: list[dict[str, Any]]) -> bool | None:
+def use_fused(value: Any, groups: list[dict[str, Any]], clips_under_amp: bool = False) -> bool | None:
     """True for one fused optimizer kernel per step; None leaves torch's default (foreach on CUDA).
 
     auto fuses on CUDA only: there the foreach update is ~10 launches per step, a large part of what a
-    head on cached features costs; on a CPU torch's default is kept.
+    head on cached features costs; on a CPU torch's default is kept. ``clips_under_amp``: gradient clipping
+    under a *-mixed precision, which Lightning refuses for a fused optimizer (it could own the unscaling),
+    so auto does not fuse then.
     """
     setting = fused_setting(value)
+    if setting == "auto" and clips_under_amp:
+        return None
     if setting == "auto":
         params = [p for g in groups for p in g["params"]]
         return True if params and all(p.is_cuda for p in params) else None
@@ -392,6 +396,15 @@ class FinetuneModule(pl.LightningModule):
     def on_train_end(self) -> None:
         self._step_plan = (False, [])  # no callback references kept past the fit
 
+    def _clips_under_amp(self) -> bool:
+        """Gradient clipping (the Trainer's, or the module's own in blocks) under a *-mixed precision plugin."""
+        from pytorch_lightning.plugins.precision import MixedPrecision
+
+        trainer = self._trainer
+        if trainer is None or not isinstance(trainer.precision_plugin, MixedPrecision):
+            return False
+        return bool(trainer.gradient_clip_val) or self.block_clip is not None
+
     def use_blocks(self, steps_per_block: int, clip: tuple[float, str] | None = None) -> None:
         """Train with manual optimization: a batch may be a :class:`~finetune.model.blocks.FeatureBlock` of
         several minibatches, each one optimizer step (cache.resident; :meth:`_manual_steps`). ``clip``:
@@ -552,7 +565,7 @@ class FinetuneModule(pl.LightningModule):
         groups = param_groups(self.backbone, self.head, float(cfg["lr"]), float(cfg["weight_decay"]),
                               float(self.hparams.backbone_lr_ratio), bool(cfg["no_decay_norm_bias"]),
                               float(layer_decay) if layer_decay is not None else None, stages=self.ever_trainable)
-        fused = use_fused(cfg["fused"], groups)
+        fused = use_fused(cfg["fused"], groups, self._clips_under_amp())
         if cfg["name"] == "adamw":
             optimizer = torch.optim.AdamW(groups, fused=fused)
         elif cfg["name"] == "sgd":
