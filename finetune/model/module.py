@@ -401,9 +401,9 @@ class FinetuneModule(pl.LightningModule):
         from pytorch_lightning.plugins.precision import MixedPrecision
 
         trainer = self._trainer
-        if trainer is None or not isinstance(trainer.precision_plugin, MixedPrecision):
+        if trainer is None or not isinstance(getattr(trainer, "precision_plugin", None), MixedPrecision):
             return False
-        return bool(trainer.gradient_clip_val) or self.block_clip is not None
+        return bool(getattr(trainer, "gradient_clip_val", None)) or self.block_clip is not None
 
     def use_blocks(self, steps_per_block: int, clip: tuple[float, str] | None = None) -> None:
         """Train with manual optimization: a batch may be a :class:`~finetune.model.blocks.FeatureBlock` of
