@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = ("cache_speedup.py", "framework_overhead.py", "roofline.py", "decode_pipeline.py", "feed_rate.py")
+SCRIPTS = ("cache_speedup.py", "framework_overhead.py", "roofline.py", "decode_pipeline.py", "feed_rate.py",
+           "optimizer_step.py")
 
 
 def run_quick(script: str, tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> tuple[str, dict]:

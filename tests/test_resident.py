@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from finetune.config.typed import to_typed
 from finetune.data.datamodule import EpochSampler
 from finetune.data.features import keep_batch
-from finetune.data.resident import BlockLoader, ResidentFeatures
+from finetune.data.resident import RING, BlockLoader, ResidentFeatures, block_steps
 from finetune.errors import SetupError
 from finetune.run.builders import decide_blocks
 from finetune.run.train import train
@@ -114,14 +114,51 @@ def test_block_loader_yields_the_dataloaders_minibatches(views: int) -> None:
     assert [y.tolist() for _, y in rest] == [y.tolist() for _, y in expected[4:]]
 
 
+def test_blocks_reuse_ring_buffers_without_touching_the_blocks_in_use() -> None:
+    """Blocks are gathered into RING reused buffers, not fresh memory each: over more blocks than buffers and
+    across epochs each block holds its own rows while it trains and while the loop holds the next one."""
+    rows, batch, steps = 40, 2, 2
+    features = np.random.default_rng(0).standard_normal((rows, 3)).astype(np.float32)
+    labels = np.arange(rows) % 4
+    sampler = EpochSampler(rows, seed=1)
+    loader = BlockLoader(ResidentFeatures(features, labels, 1, torch.device("cpu")), sampler, batch, steps, True)
+    buffers = set()
+    for epoch in range(2):
+        sampler.set_epoch(epoch)
+        order = np.fromiter(iter(sampler), dtype=np.int64)
+        expected = [torch.from_numpy(features[order[i:i + batch * steps]]) for i in range(0, rows, batch * steps)]
+        previous = None
+        for k, block in enumerate(loader):  # 10 blocks an epoch
+            assert torch.equal(block.x, expected[k]) and torch.equal(block.y, torch.from_numpy(labels[order[
+                k * batch * steps:(k + 1) * batch * steps]]))
+            if previous is not None:
+                assert torch.equal(previous.x, expected[k - 1])  # drawn before this one: still intact
+            previous = block
+            buffers.add(block.x.data_ptr())
+    assert len(buffers) == RING
+
+
+def test_blocks_stay_under_block_bytes(compose_cfg, folder: Path, monkeypatch, caplog) -> None:
+    """cache.steps_per_block is the most steps a block takes; fewer where the block would pass BLOCK_BYTES."""
+    assert block_steps(256, 32, 512 * 4) == 256  # pooled 512-d features: 64 KiB a minibatch
+    assert block_steps(256, 32, 1024 * 14 * 14 * 4) == 2  # resnet50's layer3 outputs at 224 px: 24.5 MiB a minibatch
+    assert block_steps(256, 512, 1024 * 14 * 14 * 4) == 1  # never fewer than one step
+    assert block_steps(8, 32, 512 * 4) == 8
+    monkeypatch.setattr("finetune.data.resident.BLOCK_BYTES", 3 * 4 * 512 * 4)  # 3 minibatches of 4 pooled rows
+    with caplog.at_level(logging.INFO, logger="finetune"):
+        summary, _, _ = _run(compose_cfg, folder, "capped", "trainer.max_epochs=1", "cache.views=0")
+    assert "3 optimizer steps per Lightning step" in caplog.text
+    assert summary["cached_batches"] == {"resident": True, "optimizer_steps_per_batch": 3}
+
+
 def test_runs_that_cannot_take_blocks_say_why(compose_cfg) -> None:
     def decide(*overrides: str) -> tuple[int, str]:
         return decide_blocks(to_typed(compose_cfg("trainer.accelerator=cpu", *overrides)))
 
-    assert decide() == (32, "")
+    assert decide() == (256, "")
     assert decide("cache.steps_per_block=8") == (8, "")
     assert decide("cache.resident=false") == (0, "")
-    assert decide("trainer.gradient_clip_val=1.0") == (32, "")  # the module clips before each step itself
+    assert decide("trainer.gradient_clip_val=1.0") == (256, "")  # the module clips before each step itself
     for override, why in [("trainer.gradient_clip_val=1.0 trainer.precision=16-mixed", "a gradient scaler"),
                           ("trainer.accumulate_grad_batches=2", "accumulate_grad_batches"),
                           ("tune.lr_find=true", "tune.lr_find is on"),

@@ -283,7 +283,7 @@ class OptimizerConfig:
     weight_decay: float = result(1e-4)
     no_decay_norm_bias: bool = result(True, doc="no weight decay on biases and norm layers")
     layer_decay: float | None = result(None, doc="stage LR = lr x layer_decay^(distance from the head)")
-    fused: Any = result("auto", doc="auto (on CUDA) | true | false")
+    fused: Any = result("auto", doc="auto (on CUDA or CPU) | true | false")
     momentum: float | None = result(None, doc="sgd")
     nesterov: bool | None = result(None, doc="sgd")
 
@@ -294,7 +294,7 @@ class OptimizerConfig:
         if self.layer_decay is not None:
             in_range("optimizer.layer_decay", self.layer_decay, 0, 1, "each earlier stage's LR is multiplied by it "
                      "(e.g. 0.7); null turns it off.", low_open=True)
-        one_of("optimizer.fused", self.fused, AUTO_BOOL, "auto: one fused kernel per step on CUDA.")
+        one_of("optimizer.fused", self.fused, AUTO_BOOL, "auto: one fused kernel per step on CUDA or CPU.")
         if self.name == OptimizerName.sgd:
             in_range("optimizer.momentum", 0.0 if self.momentum is None else self.momentum, 0, 1, "e.g. 0.9.",
                      high_open=True)
@@ -493,7 +493,8 @@ class CacheConfig:
     batch_size: int | None = result(None, doc="extraction batch; null: data.batch_size")
     dir: str = neutral(MISSING)
     resident: Any = neutral("auto", doc="auto | true | false: cached train features on the training device")
-    steps_per_block: int = neutral(32, doc="optimizer steps per Lightning step on resident features")
+    steps_per_block: int = neutral(256, doc="optimizer steps per Lightning step on resident features, at most "
+                                   "(fewer where a block would pass 64 MiB)")
 
     def validate(self) -> None:
         one_of("cache.enabled", self.enabled, AUTO_BOOL)

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from finetune.data.resident import BlockLoader, ResidentFeatures, fits, nbytes
+from finetune.data.resident import BlockLoader, ResidentFeatures, block_steps, fits, nbytes
 from finetune.errors import SetupError
 from finetune.model.backbones import Backbone, imagenet_weights, weights_source
 from finetune.progress import progress
@@ -392,6 +392,7 @@ class FeatureCacheDataModule(pl.LightningDataModule):
         super().__init__()
         self.seed = int(seed)
         self.steps_per_block = int(steps_per_block)  # 0: train batches from a DataLoader, one step each
+        self.block_steps = 0  # optimizer steps per block once resident (steps_per_block, under BLOCK_BYTES)
         self.resident_setting = resident
         self.resident: dict[str, ResidentFeatures] = {}  # the splits on the device, when they are there
         self.extract_batch_size = int(extract_batch_size or batch_size)
@@ -572,8 +573,9 @@ class FeatureCacheDataModule(pl.LightningDataModule):
                 return {}
         started = time.perf_counter()
         stores = {split: ResidentFeatures(d.features, d.labels, d.views, device) for split, d in shards.items()}
+        self.block_steps = block_steps(self.steps_per_block, self.batch_size, stores["train"].row_bytes)
         log.info("feature cache: %d train, val and test rows (%.1f MiB) on %s, %d optimizer steps per Lightning "
-                 "step (%.2f s)", sum(d.rows for d in shards.values()), size / 2**20, device, self.steps_per_block,
+                 "step (%.2f s)", sum(d.rows for d in shards.values()), size / 2**20, device, self.block_steps,
                  time.perf_counter() - started)
         return stores
 
@@ -588,7 +590,7 @@ class FeatureCacheDataModule(pl.LightningDataModule):
         sampler = train_sampler(dataset, self.seed, self.balanced) if shuffle else None
         drop_last = shuffle and len(dataset) > self.batch_size
         if self.resident:
-            return BlockLoader(self.resident[split], sampler, self.batch_size, self.steps_per_block, drop_last)
+            return BlockLoader(self.resident[split], sampler, self.batch_size, self.block_steps, drop_last)
         return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler,
                           generator=private_generator(self.seed), num_workers=0,
                           pin_memory=torch.cuda.is_available(), collate_fn=keep_batch, drop_last=drop_last)

@@ -26,6 +26,17 @@ log = logging.getLogger(__name__)
 
 # Of what is free on the device, the share the train features may take under cache.resident=auto.
 RESIDENT_SHARE = 0.5
+# A block (the minibatches of one Lightning step, gathered on the device) stays under this size: pooled
+# features of a small split make one or two blocks an epoch, a frozen prefix's outputs at a large image size
+# a few steps each, not gigabytes.
+BLOCK_BYTES = 64 * 2**20
+# Blocks alive at once: the one training, the one Lightning's loop fetched ahead, one spare.
+RING = 3
+
+
+def block_steps(most: int, batch_size: int, row_bytes: int) -> int:
+    """Optimizer steps per block: ``most`` (cache.steps_per_block), fewer where those would pass BLOCK_BYTES."""
+    return max(1, min(int(most), BLOCK_BYTES // max(1, int(batch_size) * int(row_bytes))))
 
 
 class ResidentFeatures:
@@ -37,14 +48,34 @@ class ResidentFeatures:
         self.labels = torch.from_numpy(np.ascontiguousarray(labels)).to(device)
         self.device = device
 
-    def gather(self, index: torch.Tensor, views: np.ndarray | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rows ``index`` (a device tensor) as float32, from view ``views[i]`` of row i when there are views."""
+    @property
+    def row_shape(self) -> tuple[int, ...]:
+        return tuple(self.features.shape[2:] if self.views > 1 else self.features.shape[1:])
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one row as a block holds it (float32)."""
+        return 4 * math.prod(self.row_shape)
+
+    def gather(self, index: torch.Tensor, views: np.ndarray | None,
+               out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows ``index`` (a device tensor) as float32, from view ``views[i]`` of row i when there are views;
+        written into the first rows of ``out`` when given (no new allocation: on a CPU a fresh block of a few
+        MiB costs its page faults, several times the copy)."""
         if self.views > 1:
             view = torch.from_numpy(views).to(self.device, non_blocking=True)
-            x = self.features[view, index]
+            flat, rows = self.features.flatten(0, 1), view * self.features.shape[1] + index
         else:
-            x = self.features[index]
-        return x.float(), self.labels[index]
+            flat, rows = self.features, index
+        labels = self.labels[index]
+        if out is None:
+            return flat.index_select(0, rows).float(), labels
+        target = out[:len(rows)]
+        if flat.dtype == torch.float32:
+            torch.index_select(flat, 0, rows, out=target)
+        else:
+            target.copy_(flat.index_select(0, rows))
+        return target, labels
 
 
 def nbytes(features: np.ndarray, labels: np.ndarray) -> int:
@@ -95,6 +126,8 @@ class BlockLoader:
         self.steps_per_block = max(1, int(steps_per_block))
         self.drop_last = drop_last
         self.batch_sampler = None  # as a DataLoader with a sampler has it, for Lightning's checks
+        self._ring: list[torch.Tensor] = []  # RING block buffers, reused in turn (across epochs)
+        self._turn = 0
 
     @property
     def optimizer_steps_per_epoch(self) -> int:
@@ -124,5 +157,14 @@ class BlockLoader:
             if self.store.views > 1:  # one draw per minibatch, as FeatureDataset.__getitems__ makes them
                 views = np.concatenate([np.random.randint(self.store.views, size=min(self.batch_size, stop - s))
                                         for s in range(start, stop, self.batch_size)])
-            x, y = self.store.gather(index[start:stop], views)
+            x, y = self.store.gather(index[start:stop], views, out=self._buffer(min(block_rows, rows)))
             yield FeatureBlock(x, y, self.batch_size)
+
+    def _buffer(self, rows: int) -> torch.Tensor:
+        """The next of RING float32 buffers of at least ``rows`` rows. A block's tensors stay valid until
+        RING - 1 more blocks were drawn: Lightning fetches one ahead, and nothing keeps a batch past its step."""
+        slot, self._turn = self._turn % RING, self._turn + 1
+        if slot == len(self._ring) or len(self._ring[slot]) < rows:
+            buffer = torch.empty((rows, *self.store.row_shape), dtype=torch.float32, device=self.store.device)
+            self._ring[slot:slot + 1] = [buffer]
+        return self._ring[slot]
