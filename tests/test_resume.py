@@ -104,6 +104,56 @@ def test_interrupted_write_never_replaces_a_good_checkpoint(tmp_path: Path, monk
     assert list(tmp_path.iterdir()) == [path]  # no temp file left behind
 
 
+class _SignalsMidWrite:
+    """A file that sends ``signum`` to this process on its 3rd write: a Ctrl-C landing inside torch.save."""
+
+    def __init__(self, f, signum: int) -> None:
+        self.f, self.signum, self.writes = f, signum, 0
+
+    def write(self, data) -> int:
+        self.writes += 1
+        if self.writes == 3:
+            os.kill(os.getpid(), self.signum)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def test_ctrl_c_inside_a_checkpoint_write_waits_for_the_write(tmp_path: Path, monkeypatch) -> None:
+    """CI saw it: a KeyboardInterrupt inside torch.save's writer became ``RuntimeError: unexpected pos`` and
+    the run ended with exit 1 and a traceback. Now the save completes, then Ctrl-C arrives as itself."""
+    path = tmp_path / "last.ckpt"
+    real_save = torch.save
+    monkeypatch.setattr(torch, "save", lambda obj, f, *a, **k: real_save(obj, _SignalsMidWrite(f, signal.SIGINT)))
+    with pytest.raises(KeyboardInterrupt):
+        AtomicCheckpointIO().save_checkpoint({"state_dict": {"w": torch.arange(100_000.0)}}, path)
+    monkeypatch.undo()
+    assert torch.equal(torch.load(path, weights_only=True)["state_dict"]["w"], torch.arange(100_000.0))
+    assert list(tmp_path.iterdir()) == [path]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is back
+
+
+def test_sigterm_inside_a_write_reaches_the_handler_after_it(tmp_path: Path) -> None:
+    from finetune.run.outputs import write_atomic
+
+    seen: list[tuple[int, bool]] = []
+    target = tmp_path / "summary.json"
+    previous = signal.signal(signal.SIGTERM, lambda signum, _frame: seen.append((signum, target.is_file())))
+    try:
+        def write(f) -> None:
+            f.write(b"{")
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)  # a second one while held: delivered once
+            f.write(b"}")
+
+        write_atomic(target, write)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert seen == [(signal.SIGTERM, True)]  # after the rename, not during the write
+    assert target.read_bytes() == b"{}"
+
+
 def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(compose_cfg, image_folder: Path,
                                                                  monkeypatch) -> None:
     from finetune.model.module import FinetuneModule
