@@ -10,15 +10,22 @@ Side by side in one process, alternated, best of ``--repeats``:
   without: torch's optimizers ask it once per step, and without libnvidia-ml the NVML route tries to load it
   every call before falling back to the same answer (finetune drops the variable there);
 - a whole cached-head step (forward, cross-entropy, backward, step) as a plain loop gets it (default AdamW,
-  the variable set as after ``import pytorch_lightning``) vs as finetune runs it (fused, no NVML probe).
+  the variable set as after ``import pytorch_lightning``) vs as finetune runs it (fused, no NVML probe);
+- with ``--end-to-end``: finetune's full fine-tuning (resnet18 at 64 px, batch 16, ``--steps`` steps, the
+  CIFAR-10 subset or digits, 150 images a class), ``optimizer.fused=auto`` vs ``false``, alternated, medians
+  of 3: the training phase.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
+import statistics
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import harness
@@ -86,6 +93,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     harness.add_common_args(parser)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--end-to-end", action="store_true", help="also time finetune's full fine-tuning, fused vs not")
+    parser.add_argument("--steps", type=int, default=80)
     args = parser.parse_args()
     device = harness.resolve_device(parser, args)
     machine = harness.start(device)
@@ -124,9 +133,43 @@ def main() -> None:
           f"({1e6 * (probe - plain):.1f} us more a call)")
     print(f"ratio cached-head step (Linear 512->10, batch 32), default AdamW + NVML probe / fused, no probe: "
           f"{ratios['head step naive/finetune']:.2f}x ({1e6 * naive:.1f} vs {1e6 * tuned:.1f} us)")
+    if args.end_to_end:
+        seconds.update(end_to_end(args, device))
+        ratios["full_finetune false/auto"] = seconds["full_finetune fused=false"] / seconds["full_finetune fused=auto"]
+        print(f"ratio full_finetune training phase, optimizer.fused=false / auto: "
+              f"{ratios['full_finetune false/auto']:.2f}x ({seconds['full_finetune fused=false']:.2f} vs "
+              f"{seconds['full_finetune fused=auto']:.2f} s)")
     harness.write_json(args.json, {"machine": machine, "args": vars(args) | {"json": str(args.json)},
                                    "seconds": seconds, "ratios": ratios,
                                    "nvml_loads": _nvml_loads()})
+
+
+def end_to_end(args: argparse.Namespace, device: torch.device) -> dict[str, float]:
+    """finetune's training phase, full fine-tuning, optimizer.fused=auto vs false (median of 3, alternated)."""
+    import cache_speedup
+
+    import finetune.run.train as train_module
+
+    work = Path(tempfile.mkdtemp(prefix="optimizer_step-"))
+    try:
+        images = harness.load_images(None, 4 if args.quick else 150, 2)  # 1,350 train images: 84 batches
+        cache_speedup.write_image_tree(images, work / "images")
+        weights = cache_speedup.write_weights("resnet18", "none", 0, work / "resnet18.pth")
+        steps = 3 if args.quick else args.steps
+        base = ["backbone=resnet18", f"backbone.weights={weights}", "strategy=full_finetune", "data=folder",
+                f"data.root={work / 'images'}", "data.image_size=64", "data.batch_size=16", "trainer.max_epochs=1",
+                f"trainer.limit_train_batches={steps}", "trainer.limit_val_batches=2", "trainer.devices=1",
+                f"trainer.accelerator={'gpu' if device.type == 'cuda' else 'cpu'}", "logger=none",
+                "cache.enabled=false"]
+        runs: dict[str, list[float]] = {"auto": [], "false": []}
+        for r in range(1 if args.quick else 3):
+            for fused in (["auto", "false"] if r % 2 == 0 else ["false", "auto"]):
+                cfg = cache_speedup.compose([*base, f"optimizer.fused={fused}"], work, fused)
+                runs[fused].append(train_module.train(cfg)["wall_seconds"]["training"])
+                print(f"  full_finetune, optimizer.fused={fused}: {runs[fused][-1]:.2f} s", flush=True)
+        return {f"full_finetune fused={k}": statistics.median(v) for k, v in runs.items()}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def _nvml_loads() -> bool:
