@@ -93,8 +93,8 @@ def use_fused(value: Any, groups: list[dict[str, Any]], clips_under_amp: bool = 
 
     auto fuses where every parameter is on CUDA or every one on the CPU. On CUDA the foreach update is
     ~10 launches per step, a large part of what a head on cached features costs; on a CPU torch's default
-    is a Python loop over the parameters, one op per moment: fused AdamW measured 5.3x faster on
-    resnet18's 11.7M parameters and 1.55x on a cached head's two (BENCHMARKS.md). ``clips_under_amp``:
+    is a Python loop over the parameters, one op per moment: fused AdamW's step measured 2.7-3.5x faster
+    on resnet18's 11.7M parameters and 1.4-1.6x on a cached head's two (BENCHMARKS.md). ``clips_under_amp``:
     gradient clipping under a *-mixed precision, which Lightning refuses for a fused optimizer (it could
     own the unscaling), so auto does not fuse then.
     """

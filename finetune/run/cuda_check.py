@@ -5,7 +5,7 @@ NVML instead of initialising CUDA (which would poison forked DataLoader workers)
 initialised torch does not cache that answer, and every optimizer step asks it
 (``torch.optim``'s graph-capture check): on a machine without the NVIDIA driver each call tries to
 ``dlopen`` libnvidia-ml, fails, and falls back to the CUDA runtime's device count anyway. That costs
-~35 us a call, a sixth of a cached head's step on a CPU, and buys nothing: without NVML both paths end
+~35-52 us a call, about a seventh of a cached head's step on a CPU, and buys nothing: without NVML both paths end
 in the same runtime call. Where the library loads, the variable stays as Lightning set it.
 """
 
