@@ -11,6 +11,8 @@ import json
 import os
 import platform
 import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -207,6 +209,21 @@ def sync(device: torch.device) -> None:
     """GPU work is asynchronous: read the clock only after it has finished."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def best_seconds(fn: Callable[[], Any], calls: int, repeats: int, device: torch.device, warmup: int) -> float:
+    """Best per-call time over ``repeats`` runs of ``calls`` calls, after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    best = float("inf")
+    for _ in range(repeats):
+        sync(device)
+        started = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        sync(device)
+        best = min(best, (time.perf_counter() - started) / calls)
+    return best
 
 
 def write_json(path: Path | None, payload: dict[str, Any]) -> None:

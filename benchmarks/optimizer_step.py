@@ -23,7 +23,6 @@ import os
 import shutil
 import statistics
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -37,16 +36,8 @@ NVML = "PYTORCH_NVML_BASED_CUDA_CHECK"
 
 
 def best_seconds(fn: Callable[[], Any], calls: int, repeats: int, device: torch.device) -> float:
-    """Best per-call time over ``repeats`` runs of ``calls`` calls (after one warm-up run)."""
-    best = float("inf")
-    for _ in range(repeats + 1):
-        harness.sync(device)
-        started = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        harness.sync(device)
-        best = min(best, (time.perf_counter() - started) / calls)
-    return best
+    """Best per-call time over ``repeats`` runs of ``calls`` calls (after one untimed run)."""
+    return harness.best_seconds(fn, calls, repeats, device, warmup=calls)
 
 
 def optimizer_steps(params: list[nn.Parameter], name: str, fused: bool, calls: int, repeats: int,

@@ -19,7 +19,6 @@ import contextlib
 import statistics
 import time
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,20 +66,6 @@ def set_tf32(device: torch.device, enabled: bool) -> None:
     torch.backends.cudnn.conv.fp32_precision = value
 
 
-def _best_seconds(fn: Callable[[], Any], calls: int, repeats: int, device: torch.device) -> float:
-    for _ in range(2):
-        fn()
-    best = float("inf")
-    for _ in range(repeats):
-        harness.sync(device)
-        started = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        harness.sync(device)
-        best = min(best, (time.perf_counter() - started) / calls)
-    return best
-
-
 def matmul_peaks(kind: str, n: int, device: torch.device, repeats: int) -> dict[str, float]:
     """FLOP/s of an n x n x n matmul in the given precision (fp32, tf32 or bf16), best of ``repeats``.
 
@@ -94,13 +79,13 @@ def matmul_peaks(kind: str, n: int, device: torch.device, repeats: int) -> dict[
     calls = 1 if device.type == "cpu" else 10
     flops = 2 * n**3
     library = "cublas" if device.type == "cuda" else "blas"
-    peaks = {library: flops / _best_seconds(lambda: torch.mm(a, b, out=out), calls, repeats, device)}
+    peaks = {library: flops / harness.best_seconds(lambda: torch.mm(a, b, out=out), calls, repeats, device, warmup=2)}
     if device.type == "cpu" and torch.backends.mkldnn.is_available():
         try:
             am, bm = a.to_mkldnn(), b.to_mkldnn()
             with torch.inference_mode():
-                peaks["onednn"] = flops / _best_seconds(lambda: torch._C._nn.mkldnn_linear(am, bm, None), calls,
-                                                        repeats, device)
+                peaks["onednn"] = flops / harness.best_seconds(lambda: torch._C._nn.mkldnn_linear(am, bm, None),
+                                                               calls, repeats, device, warmup=2)
         except (RuntimeError, AttributeError) as err:  # a private entry point: may move between releases
             print(f"(oneDNN matmul not timed: {type(err).__name__}: {err})")
     return peaks
