@@ -24,7 +24,6 @@ from PIL import Image
 
 from finetune.data.images import MAX_ASPECT, MAX_PIXELS, BadImageError, decode_rgb, is_image_file
 from finetune.errors import SetupError
-from finetune.run.outputs import write_atomic, write_json_atomic
 
 SPLITS = ("train", "val", "test")
 FLAT = "all"  # split name used for a flat root/<class>/ tree, which the dataset splits itself
@@ -198,8 +197,8 @@ class CheckReport:
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         bad_lines = "".join(f"{bad.path}\t{bad.reason}\n" for bad in self.bad)
-        write_atomic(run_dir / "bad_files.txt", lambda f: f.write(bad_lines.encode()))
-        write_json_atomic(run_dir / "data_check.json", self.to_dict())
+        _write_atomic(run_dir / "bad_files.txt", bad_lines)
+        _write_atomic(run_dir / "data_check.json", json.dumps(self.to_dict(), indent=2) + "\n")
 
     def _relative(self, path: Path) -> str:
         """A path shown relative to the root: shorter messages, same meaning."""
@@ -693,3 +692,9 @@ def _jsonable(value: Any) -> Any:
         return [_jsonable(item) for item in value]
     return value
 
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write via a temporary file and rename, so a reader never sees half a report."""
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(text, encoding="utf-8")
+    temporary.replace(path)
