@@ -312,6 +312,28 @@ def test_report_files(messy_tree: Path, tmp_path: Path) -> None:
     assert data["layout"] == "split" and len(data["bad"]) == 4 and data["errors"] == report.errors()
 
 
+def test_a_report_write_killed_before_its_rename_keeps_the_old_report_and_leaves_no_temp(
+        messy_tree: Path, tmp_path: Path, monkeypatch) -> None:
+    """The data check's own writer left ``data_check.json.tmp`` behind, a name the next start's sweep of
+    ``.*.tmp`` never removes; the shared writer cleans up after itself and keeps the old report whole."""
+    from finetune.run.run_dir import remove_leftovers
+
+    run = tmp_path / "run"
+    report = check_image_tree(messy_tree, max_pixels=SMALL_LIMIT)
+    report.write(run)
+    before = {path.name: path.read_bytes() for path in run.iterdir()}
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # the kill lands between writing the temp file and renaming it
+
+    monkeypatch.setattr(os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        report.write(run)
+    monkeypatch.undo()
+    remove_leftovers(run)
+    assert {path.name: path.read_bytes() for path in run.iterdir()} == before
+
+
 def test_structural_errors_always_stop_the_run(messy_tree: Path) -> None:
     report = check_image_tree(messy_tree, max_pixels=SMALL_LIMIT)
     for policy in ("skip", "error"):

@@ -273,7 +273,7 @@ def test_a_memo_from_before_the_aspect_limit_is_not_trusted(tmp_path: Path) -> N
 # ---------------------------------------------------------------- 5. splits.csv
 
 
-def test_split_rows_and_csv_for_a_folder(tmp_path: Path) -> None:
+def test_split_rows_and_csv_for_a_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     root = write_image_folder(tmp_path / "data", classes=3, per_class=10)
     splits = load_folder_splits(_cfg(root))
     rows = split_rows(splits)
@@ -287,6 +287,15 @@ def test_split_rows_and_csv_for_a_folder(tmp_path: Path) -> None:
     written = write_splits_csv(splits, tmp_path / "run" / "splits.csv")
     with open(written, newline="", encoding="utf-8") as file:
         assert list(csv.DictReader(file)) == rows
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # between the temp file and its rename
+
+    monkeypatch.setattr(os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        write_splits_csv(splits, written)
+    monkeypatch.undo()
+    assert sorted(path.name for path in written.parent.iterdir()) == ["splits.csv"]  # no splits.csv.tmp left
 
 
 def test_split_rows_reuse_the_checks_hashes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,6 +1,6 @@
 """The import layers follow DESIGN.md's data flow: a lower layer never imports an upper one.
 
-errors, progress / finetune's root < config < model < data < run < cli < entry points (``__main__``, the
+atomic, errors, progress / finetune's root < config < model < data < run < cli < entry points (``__main__``, the
 ``python -m finetune.X`` shims). Every import is counted, also one inside a function.
 """
 
@@ -18,7 +18,7 @@ LAYERS = ["base", "config", "model", "data", "run", "cli", "entry"]
 def layer_of(module: str) -> str:
     """finetune.config.schema -> config; finetune.errors -> base; finetune.__main__ / shims -> entry."""
     parts = module.split(".")
-    if len(parts) == 1 or parts[1] in ("errors", "progress"):
+    if len(parts) == 1 or parts[1] in ("atomic", "errors", "progress"):
         return "base"
     if parts[1] in LAYERS:
         return parts[1]

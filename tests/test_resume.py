@@ -135,7 +135,7 @@ def test_ctrl_c_inside_a_checkpoint_write_waits_for_the_write(tmp_path: Path, mo
 
 
 def test_sigterm_inside_a_write_reaches_the_handler_after_it(tmp_path: Path) -> None:
-    from finetune.run.outputs import write_atomic
+    from finetune.atomic import write_atomic
 
     seen: list[tuple[int, bool]] = []
     target = tmp_path / "summary.json"

@@ -12,13 +12,13 @@ import yaml
 from omegaconf import OmegaConf
 
 from finetune import config_dir
+from finetune.atomic import write_json_atomic
 from finetune.config.identity import DATA_KEY, result_defining, roles
 from finetune.config.schema import NEUTRAL
 from finetune.config.typed import to_typed, to_yaml
 from finetune.data.features import FeatureDataset, ShardFiles
 from finetune.errors import SetupError
 from finetune.run.builders import build_callbacks
-from finetune.run.outputs import write_json_atomic
 from finetune.run.run_dir import (
     CONFIG_NAME,
     Claim,

@@ -22,6 +22,7 @@ from typing import Any
 
 from PIL import Image
 
+from finetune.atomic import write_atomic
 from finetune.data.images import MAX_ASPECT, MAX_PIXELS, BadImageError, decode_rgb, is_image_file
 from finetune.errors import SetupError
 
@@ -197,8 +198,9 @@ class CheckReport:
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         bad_lines = "".join(f"{bad.path}\t{bad.reason}\n" for bad in self.bad)
-        _write_atomic(run_dir / "bad_files.txt", bad_lines)
-        _write_atomic(run_dir / "data_check.json", json.dumps(self.to_dict(), indent=2) + "\n")
+        report = json.dumps(self.to_dict(), indent=2) + "\n"
+        write_atomic(run_dir / "bad_files.txt", lambda f: f.write(bad_lines.encode()))
+        write_atomic(run_dir / "data_check.json", lambda f: f.write(report.encode()))
 
     def _relative(self, path: Path) -> str:
         """A path shown relative to the root: shorter messages, same meaning."""
@@ -575,11 +577,9 @@ def _write_memo(memo: Path, max_pixels: int, results: dict[Path, _FileResult],
         if (stamp := stamps.get(path)) is not None and path not in changed
         and not (result.error or "").startswith(CANNOT_READ)
     }
-    temporary = memo.with_name(f"{memo.name}.{os.getpid()}.tmp")  # parallel sweep jobs: last rename wins
-    try:
-        memo.parent.mkdir(parents=True, exist_ok=True)
-        temporary.write_text(json.dumps({"rules": _memo_rules(max_pixels), "files": files}), encoding="utf-8")
-        temporary.replace(memo)
+    text = json.dumps({"rules": _memo_rules(max_pixels), "files": files})
+    try:  # each writer its own temp file: parallel sweep jobs, last rename wins
+        write_atomic(memo, lambda f: f.write(text.encode()))
     except OSError as err:
         raise SetupError(f"cache.dir cannot hold the data check's memo {memo} ({err.strerror or err}): set "
                          f"cache.dir=... (or FINETUNE_CACHE) to a writable folder.") from None
@@ -691,10 +691,3 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [_jsonable(item) for item in value]
     return value
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write via a temporary file and rename, so a reader never sees half a report."""
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(text, encoding="utf-8")
-    temporary.replace(path)

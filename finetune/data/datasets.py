@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import logging
 from collections import Counter
 from collections.abc import Callable, Hashable, Mapping, Sequence
@@ -21,6 +22,7 @@ from PIL import Image
 from sklearn.model_selection import train_test_split
 from torch.utils.data import Dataset
 
+from finetune.atomic import write_atomic
 from finetune.data.checks import SPLITS, list_image_tree, sha256_files
 from finetune.data.images import BadImageError, open_rgb
 from finetune.errors import SetupError
@@ -442,15 +444,11 @@ def split_rows(splits: Splits) -> list[dict[str, str]]:
 
 def write_splits_csv(splits: Splits, path: Path | str) -> Path:
     """Write ``split_rows(splits)`` as CSV (header SPLIT_COLUMNS) to ``path``, atomically; returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "w", newline="", encoding="utf-8") as file:
-        writer = csv.DictWriter(file, fieldnames=SPLIT_COLUMNS)
-        writer.writeheader()
-        writer.writerows(split_rows(splits))
-    temporary.replace(path)
-    return path
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=SPLIT_COLUMNS)
+    writer.writeheader()
+    writer.writerows(split_rows(splits))
+    return write_atomic(path, lambda f: f.write(text.getvalue().encode("utf-8")))
 
 
 def _pixels_sha256(image: Image.Image) -> str:

@@ -19,13 +19,13 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import balanced_accuracy_score, f1_score, log_loss, top_k_accuracy_score
 from sklearn.preprocessing import StandardScaler
 
+from finetune.atomic import write_atomic
 from finetune.config.schema import FinetuneConfig, HeadType
 from finetune.data.features import FeatureCacheDataModule
 from finetune.errors import SetupError
 from finetune.model.module import FinetuneModule
 from finetune.progress import progress
 from finetune.run.builders import build_datamodule, build_module, resolve_augment
-from finetune.run.outputs import write_atomic
 from finetune.run.setup import prepare_run
 from finetune.run.summary import device_name, make_summary, write_run_files
 

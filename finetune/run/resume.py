@@ -20,10 +20,10 @@ import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
+from finetune.atomic import write_atomic
 from finetune.config.identity import describe, differences, only_extends
 from finetune.data.datamodule import EpochSampler
 from finetune.errors import SetupError
-from finetune.run.outputs import write_atomic
 from finetune.run.run_dir import NO_RESUME
 
 log = logging.getLogger(__name__)

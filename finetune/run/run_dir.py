@@ -16,12 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from finetune.atomic import write_json_atomic
 from finetune.config.identity import DATA_KEY, describe, differences, only_extends
 from finetune.config.schema import FinetuneConfig
 from finetune.errors import SetupError
 from finetune.progress import is_launch_rank_zero
 from finetune.run.files import CONFIG_NAME, SPLITS_NAME, SUMMARY_NAME  # noqa: F401  (where callers import them)
-from finetune.run.outputs import write_json_atomic
 
 log = logging.getLogger(__name__)
 

@@ -17,13 +17,14 @@ from typing import Any
 
 import pytorch_lightning as pl
 
+from finetune.atomic import write_atomic
 from finetune.config.identity import result_defining
 from finetune.config.schema import FinetuneConfig, StrategyName
 from finetune.config.typed import to_yaml
 from finetune.data.datasets import Splits, load_splits, write_splits_csv
 from finetune.errors import SetupError
 from finetune.run.builders import apply_tf32, check_data
-from finetune.run.outputs import reset_peak_memory, write_atomic
+from finetune.run.outputs import reset_peak_memory
 from finetune.run.resume import check_resume_matches, resolve_resume
 from finetune.run.run_dir import (
     CONFIG_NAME,

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from finetune.atomic import write_json_atomic
 from finetune.config.schema import FinetuneConfig
 from finetune.config.typed import plain
 from finetune.data.datasets import class_counts
@@ -15,7 +16,7 @@ from finetune.model.backbones import weights_source
 from finetune.model.module import FinetuneModule
 from finetune.model.strategies import count_params
 from finetune.model.unfreezing import unfreeze_events
-from finetune.run.outputs import peak_memory, plot_confusion_matrix, write_json_atomic
+from finetune.run.outputs import peak_memory, plot_confusion_matrix
 from finetune.run.run_dir import CONFIG_NAME, SUMMARY_NAME
 
 
