@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -100,6 +102,7 @@ def test_interrupted_write_never_replaces_a_good_checkpoint(tmp_path: Path, monk
     with pytest.raises(KeyboardInterrupt):
         io.save_checkpoint({"state_dict": {"w": torch.zeros(3)}}, path)
     monkeypatch.undo()
+    io.teardown()  # as Lightning does after an interrupted run: the first save's commit is done
     assert torch.equal(torch.load(path, weights_only=True)["state_dict"]["w"], torch.ones(3))
     assert list(tmp_path.iterdir()) == [path]  # no temp file left behind
 
@@ -126,12 +129,57 @@ def test_ctrl_c_inside_a_checkpoint_write_waits_for_the_write(tmp_path: Path, mo
     path = tmp_path / "last.ckpt"
     real_save = torch.save
     monkeypatch.setattr(torch, "save", lambda obj, f, *a, **k: real_save(obj, _SignalsMidWrite(f, signal.SIGINT)))
+    io = AtomicCheckpointIO()
     with pytest.raises(KeyboardInterrupt):
-        AtomicCheckpointIO().save_checkpoint({"state_dict": {"w": torch.arange(100_000.0)}}, path)
+        io.save_checkpoint({"state_dict": {"w": torch.arange(100_000.0)}}, path)
     monkeypatch.undo()
+    io.teardown()  # Lightning's teardown after the KeyboardInterrupt: the queued commit lands
     assert torch.equal(torch.load(path, weights_only=True)["state_dict"]["w"], torch.arange(100_000.0))
     assert list(tmp_path.iterdir()) == [path]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is back
+
+
+def test_checkpoint_fsync_runs_beside_training_and_a_load_waits_for_it(tmp_path: Path, monkeypatch) -> None:
+    """The fsync (0.6 ms to seconds) is off the training thread; whoever reads the file next sees it whole."""
+    synced_in: list[str] = []
+    real_fsync = os.fsync
+    release = threading.Event()
+
+    def slow_fsync(fd: int) -> None:
+        synced_in.append(threading.current_thread().name)
+        release.wait(10)  # a slow disk: the save has returned long before this is done
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", slow_fsync)
+    io = AtomicCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io.save_checkpoint({"state_dict": {"w": torch.ones(3)}}, path)
+    assert not path.exists()  # written, not yet renamed: training went on
+    threading.Timer(0.2, release.set).start()
+    assert torch.equal(io.load_checkpoint(path)["state_dict"]["w"], torch.ones(3))  # waited for the commit
+    assert synced_in and threading.main_thread().name not in synced_in
+    io.teardown()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+
+
+def test_a_failed_fsync_keeps_the_old_best_runs_nothing_after_it_and_is_raised(tmp_path: Path, monkeypatch) -> None:
+    io = AtomicCheckpointIO()
+    old_best, new_best = tmp_path / "best-epoch01.ckpt", tmp_path / "best-epoch02.ckpt"
+    io.save_checkpoint({"state_dict": {"w": torch.ones(3)}}, old_best)
+    io.teardown()
+
+    def full_disk(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(OSError, match="No space left"):  # at the next call, or at teardown: never lost
+        io.save_checkpoint({"state_dict": {"w": torch.zeros(3)}}, new_best)
+        io.remove_checkpoint(old_best)  # ModelCheckpoint drops the old best after saving the new one
+        io.teardown()
+    monkeypatch.undo()
+    io.teardown()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [old_best.name]  # the only good best stays, no temp
+    assert torch.equal(torch.load(old_best, weights_only=True)["state_dict"]["w"], torch.ones(3))
 
 
 def test_sigterm_inside_a_write_reaches_the_handler_after_it(tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
-from finetune.atomic import write_atomic
+from finetune.atomic import DeferredCommits
 from finetune.config.identity import describe, differences, only_extends
 from finetune.data.datamodule import EpochSampler
 from finetune.errors import SetupError
@@ -38,10 +38,18 @@ WITHOUT = "finetune_without"  # the storage option that names the keys to leave 
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """torch.save to a temp file in the same folder, fsync, then rename over the target.
+    """torch.save to a temp file in the same folder; fsync and rename over the target in the background.
 
-    ``storage_options={WITHOUT: keys}`` leaves those top-level keys out of the file (:class:`BestCheckpoint`).
+    The checkpoint's bytes are written before ``save_checkpoint`` returns; the fsync and the rename follow on
+    one background thread, in order with removals (:class:`~finetune.atomic.DeferredCommits`), so training goes on
+    while the disk flushes. Loading a checkpoint, and Lightning's teardown at the end of every fit, test or
+    interrupted run, wait until all of them are done. ``storage_options={WITHOUT: keys}`` leaves those top-level
+    keys out of the file (:class:`BestCheckpoint`).
     """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.commits = DeferredCommits()
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
         if isinstance(storage_options, dict) and WITHOUT in storage_options:
@@ -49,9 +57,25 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             checkpoint = {k: v for k, v in checkpoint.items() if k not in left_out}
             storage_options = None
         if "://" in str(path):  # remote storage: Lightning's own transaction-based save
+            self.commits.wait()
             return super().save_checkpoint(checkpoint, path, storage_options)
-        write_atomic(path, lambda f: torch.save(checkpoint, f))
+        self.commits.write(path, lambda f: torch.save(checkpoint, f))
         return None
+
+    def load_checkpoint(self, path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        self.commits.wait()
+        return super().load_checkpoint(path, *args, **kwargs)
+
+    def remove_checkpoint(self, path: Any) -> None:
+        if "://" in str(path):
+            self.commits.wait()
+            return super().remove_checkpoint(path)
+        self.commits.remove(path)
+        return None
+
+    def teardown(self) -> None:
+        self.commits.wait()
+        super().teardown()
 
 
 class BestCheckpoint(ModelCheckpoint):
