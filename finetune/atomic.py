@@ -94,7 +94,6 @@ class DeferredCommits:
         """Write ``path`` through ``write`` now; it replaces the old file once fsync'd. Ctrl-C waits until the
         bytes are written and the commit queued (:func:`signals_held`), so it never loses a finished write."""
         path = Path(path)
-        self._raise_failure()
         with signals_held():
             fd, tmp = _write_temp(path, write)
             try:
@@ -185,6 +184,11 @@ def _commit(fd: int, tmp: str, path: Path) -> None:
         raise
 
 
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """:func:`write_atomic` of a UTF-8 text."""
+    data = text.encode("utf-8")
+    return write_atomic(path, lambda f: f.write(data))
+
+
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
-    text = json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n"
-    return write_atomic(path, lambda f: f.write(text.encode()))
+    return write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")

@@ -22,7 +22,7 @@ from typing import Any
 
 from PIL import Image
 
-from finetune.atomic import write_atomic
+from finetune.atomic import write_json_atomic, write_text_atomic
 from finetune.data.images import MAX_ASPECT, MAX_PIXELS, BadImageError, decode_rgb, is_image_file
 from finetune.errors import SetupError
 
@@ -198,9 +198,8 @@ class CheckReport:
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         bad_lines = "".join(f"{bad.path}\t{bad.reason}\n" for bad in self.bad)
-        report = json.dumps(self.to_dict(), indent=2) + "\n"
-        write_atomic(run_dir / "bad_files.txt", lambda f: f.write(bad_lines.encode()))
-        write_atomic(run_dir / "data_check.json", lambda f: f.write(report.encode()))
+        write_text_atomic(run_dir / "bad_files.txt", bad_lines)
+        write_json_atomic(run_dir / "data_check.json", self.to_dict())
 
     def _relative(self, path: Path) -> str:
         """A path shown relative to the root: shorter messages, same meaning."""
@@ -577,9 +576,8 @@ def _write_memo(memo: Path, max_pixels: int, results: dict[Path, _FileResult],
         if (stamp := stamps.get(path)) is not None and path not in changed
         and not (result.error or "").startswith(CANNOT_READ)
     }
-    text = json.dumps({"rules": _memo_rules(max_pixels), "files": files})
     try:  # each writer its own temp file: parallel sweep jobs, last rename wins
-        write_atomic(memo, lambda f: f.write(text.encode()))
+        write_text_atomic(memo, json.dumps({"rules": _memo_rules(max_pixels), "files": files}))
     except OSError as err:
         raise SetupError(f"cache.dir cannot hold the data check's memo {memo} ({err.strerror or err}): set "
                          f"cache.dir=... (or FINETUNE_CACHE) to a writable folder.") from None

@@ -22,7 +22,7 @@ from PIL import Image
 from sklearn.model_selection import train_test_split
 from torch.utils.data import Dataset
 
-from finetune.atomic import write_atomic
+from finetune.atomic import write_text_atomic
 from finetune.data.checks import SPLITS, list_image_tree, sha256_files
 from finetune.data.images import BadImageError, open_rgb
 from finetune.errors import SetupError
@@ -448,7 +448,7 @@ def write_splits_csv(splits: Splits, path: Path | str) -> Path:
     writer = csv.DictWriter(text, fieldnames=SPLIT_COLUMNS)
     writer.writeheader()
     writer.writerows(split_rows(splits))
-    return write_atomic(path, lambda f: f.write(text.getvalue().encode("utf-8")))
+    return write_text_atomic(path, text.getvalue())
 
 
 def _pixels_sha256(image: Image.Image) -> str:

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 
-from finetune.atomic import write_atomic
+from finetune.atomic import write_text_atomic
 from finetune.config.identity import result_defining
 from finetune.config.schema import FinetuneConfig, StrategyName
 from finetune.config.typed import to_yaml
@@ -102,7 +102,7 @@ def prepare_run(cfg: FinetuneConfig) -> Prepared | dict[str, Any]:
         set_aside(claim.extends)
     write_identity(out_dir, identity)
     write_splits_csv(splits, out_dir / SPLITS_NAME)  # what was in train/val/test, with content hashes
-    write_atomic(out_dir / CONFIG_NAME, lambda f: f.write(to_yaml(cfg).encode()))
+    write_text_atomic(out_dir / CONFIG_NAME, to_yaml(cfg))
     pl.seed_everything(cfg.seed, workers=True)
     apply_tf32(cfg.speed.tf32)
     return Prepared(out_dir, splits, identity, resume_from, started)
