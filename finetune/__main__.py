@@ -44,11 +44,12 @@ def _run(cfg: DictConfig) -> float | None:
     except (SIGTERMException, Interrupted):
         say_how_to_resume("SIGTERM", out_dir)
         sys.exit(143)
-    except KeyboardInterrupt:  # Ctrl-C outside fit (the data check)
+    except KeyboardInterrupt:  # Ctrl-C outside fit (the data check), or the first one in training
         say_how_to_resume("Ctrl-C", out_dir)
         sys.exit(130)
     except SystemExit as stop:
-        # Lightning turns Ctrl-C into exit(1) after our callback saved interrupted.ckpt
+        # Lightning turns an immediate Ctrl-C (the second in training) into exit(1) after our callback saved
+        # interrupted.ckpt
         saved = Path(out_dir) / "checkpoints" / "interrupted.ckpt"
         if stop.code == 1 and saved.is_file() and saved.stat().st_mtime >= started:
             say_how_to_resume("Ctrl-C", out_dir)

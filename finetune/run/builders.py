@@ -260,6 +260,7 @@ def build_callbacks(cfg: FinetuneConfig, has_logger: bool = True) -> list[pl.Cal
     )
 
     from finetune.run.bars import FittingRichBar, FittingTqdmBar
+    from finetune.run.interrupts import CtrlCAtBatchEnd
     from finetune.run.model_summary import StageSummary
 
     cb = cfg.callbacks
@@ -269,6 +270,7 @@ def build_callbacks(cfg: FinetuneConfig, has_logger: bool = True) -> list[pl.Cal
         instantiate_node(cb.last_checkpoint),
         RNGState(),
         InterruptCheckpoint(Path(cfg.paths.output_dir) / "checkpoints"),
+        CtrlCAtBatchEnd(),
         ResumeInEpoch(),
         FiniteLoss(),
         StageUnfreezer(),

@@ -6,19 +6,31 @@ exit 143 and no word; during the feature extraction (inside fit, outside the loo
 when training started. :func:`stop_on_sigterm` raises :class:`~finetune.errors.Interrupted` there instead;
 every temp file is removed on the way out, and a resumed run redoes only unfinished work (complete cache
 shards are kept).
+
+Ctrl-C in the training loop stops as SIGTERM does, after the batch in progress (:class:`CtrlCAtBatchEnd`):
+Python raises KeyboardInterrupt wherever the loop is, between a backward and its optimizer step or in the
+middle of a block of resident steps, and interrupted.ckpt then held weights that a resume trained again from
+an earlier position.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
+import threading
 from pathlib import Path
 from types import FrameType
+from typing import Any
+
+import pytorch_lightning as pl
 
 from finetune.errors import Interrupted
 from finetune.progress import in_phase
 from finetune.run.resume import latest_checkpoint
+
+log = logging.getLogger(__name__)
 
 
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
@@ -33,6 +45,79 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
 def stop_on_sigterm() -> None:
     """Install the handler (main thread only, as signal handlers must be)."""
     signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+class CtrlCAtBatchEnd(pl.Callback):
+    """While training, the first Ctrl-C stops the run after the batch in progress (a block of resident steps
+    is one batch), the second at once.
+
+    The stop goes Lightning's SIGTERM way: its loop checks ``trainer.received_sigterm`` after each batch
+    and after each epoch's end, then InterruptCheckpoint saves interrupted.ckpt with whole steps only, so
+    ``resume=auto`` continues exactly where the run stopped. The flag is raised in this callback's
+    ``on_train_batch_end`` and ``on_train_epoch_end``, not in the handler: a Ctrl-C during validation
+    lets the validation and that epoch's checkpoints finish (Lightning's validation loop reads the flag
+    per batch and would stop it half-way). :meth:`raise_if_requested` turns Lightning's
+    SIGTERMException back into the KeyboardInterrupt the caller expects (exit 130, a notebook's
+    interrupt). Single process only: with several DDP ranks each would see the key at another batch, so
+    there Ctrl-C stops at once, as Lightning does it.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+        self._installed = False
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.requested = False
+        if (trainer.world_size > 1 or threading.current_thread() is not threading.main_thread()
+                or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):  # someone else's handler
+            return
+        self._previous = signal.signal(signal.SIGINT, self._on_ctrl_c)
+        self._installed = True
+
+    def _on_ctrl_c(self, signum: int, frame: FrameType | None) -> None:
+        if self.requested:  # the second Ctrl-C: now, mid-batch (a resume then repeats part of it)
+            self._restore()
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("Ctrl-C: stopping after this batch, with a checkpoint to resume from; Ctrl-C again stops "
+                    "at once")
+
+    def _promote(self, trainer: pl.Trainer) -> None:
+        if self.requested:
+            trainer._signal_connector.received_sigterm = True  # Lightning's own stop flag (no public setter)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if not validation_follows(trainer, batch_idx):  # else at the epoch's end, after validation
+            self._promote(trainer)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._promote(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._restore()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        if self._installed and signal.getsignal(signal.SIGINT) == self._on_ctrl_c:
+            signal.signal(signal.SIGINT, self._previous)
+        self._installed = False
+
+    def raise_if_requested(self, stop: BaseException) -> None:
+        """Around ``trainer.fit``: a SIGTERMException that came from a Ctrl-C is raised as KeyboardInterrupt."""
+        if self.requested:
+            raise KeyboardInterrupt("Ctrl-C") from stop
+
+
+def validation_follows(trainer: pl.Trainer, batch_idx: int) -> bool:
+    """Whether Lightning may validate right after train batch ``batch_idx``: the epoch's last batch, or one
+    that ``val_check_interval`` picks."""
+    done = batch_idx + 1
+    every = trainer.val_check_batch
+    return done >= trainer.num_training_batches or (isinstance(every, int) and every > 0 and done % every == 0)
 
 
 def die_with_launcher() -> None:

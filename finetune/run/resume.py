@@ -149,7 +149,7 @@ class InterruptCheckpoint(pl.Callback):
         if not isinstance(exception, KeyboardInterrupt | SIGTERMException):
             return
         path = self.dirpath / f"{INTERRUPTED_NAME}.ckpt"
-        trainer.save_checkpoint(str(path))
+        trainer.save_checkpoint(str(path), weights_only=False)  # everything; said, so Lightning does not log it
         self.saved = path
         log.warning("interrupted: resumable checkpoint saved to %s", path)
 

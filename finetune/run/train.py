@@ -16,6 +16,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from finetune.config.schema import FinetuneConfig, StrategyName
 from finetune.config.typed import to_typed
@@ -32,6 +33,7 @@ from finetune.run.builders import (
     use_channels_last,
 )
 from finetune.run.cuda_check import drop_nvml_check_without_nvml
+from finetune.run.interrupts import CtrlCAtBatchEnd
 from finetune.run.outputs import TrainingPeakMemory
 from finetune.run.quiet import quiet_block_logging_warning, quiet_known_noise
 from finetune.run.run_dir import SUMMARY_NAME
@@ -80,7 +82,14 @@ def fit_and_test(cfg: FinetuneConfig) -> dict[str, Any]:
         if cfg.tune.lr_find and run.resume_from is None:
             extra["lr_find"] = find_lr(trainer, module, datamodule, run.out_dir)
         fit_started = time.perf_counter()
-        trainer.fit(fit_module, datamodule=datamodule, ckpt_path=str(run.resume_from) if run.resume_from else None)
+        try:
+            trainer.fit(fit_module, datamodule=datamodule,
+                        ckpt_path=str(run.resume_from) if run.resume_from else None)
+        except SIGTERMException as stop:
+            for callback in trainer.callbacks:
+                if isinstance(callback, CtrlCAtBatchEnd):
+                    callback.raise_if_requested(stop)
+            raise
         feature_seconds = getattr(datamodule, "extract_seconds", 0.0)
         train_seconds = time.perf_counter() - fit_started - feature_seconds
         test_started = time.perf_counter()
