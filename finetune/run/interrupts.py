@@ -56,24 +56,20 @@ class CtrlCAtBatchEnd(pl.Callback):
     ``resume=auto`` continues exactly where the run stopped. The flag is raised in this callback's
     ``on_train_batch_end`` and ``on_train_epoch_end``, not in the handler: a Ctrl-C during validation
     lets the validation and that epoch's checkpoints finish (Lightning's validation loop reads the flag
-    per batch and would stop it half-way). :meth:`raise_if_requested` turns Lightning's
+    per batch and would stop it half-way). :func:`~finetune.run.train.fit_and_test` turns Lightning's
     SIGTERMException back into the KeyboardInterrupt the caller expects (exit 130, a notebook's
-    interrupt). Single process only: with several DDP ranks each would see the key at another batch, so
-    there Ctrl-C stops at once, as Lightning does it.
+    interrupt) when ``requested``. Single process only: with several DDP ranks each would see the key at
+    another batch, so there Ctrl-C stops at once, as Lightning does it.
     """
 
     def __init__(self) -> None:
         self.requested = False
-        self._previous: Any = None
-        self._installed = False
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.requested = False
-        if (trainer.world_size > 1 or threading.current_thread() is not threading.main_thread()
-                or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):  # someone else's handler
-            return
-        self._previous = signal.signal(signal.SIGINT, self._on_ctrl_c)
-        self._installed = True
+        if (trainer.world_size == 1 and threading.current_thread() is threading.main_thread()
+                and signal.getsignal(signal.SIGINT) is signal.default_int_handler):  # else someone else's handler
+            signal.signal(signal.SIGINT, self._on_ctrl_c)
 
     def _on_ctrl_c(self, signum: int, frame: FrameType | None) -> None:
         if self.requested:  # the second Ctrl-C: now, mid-batch (a resume then repeats part of it)
@@ -84,16 +80,16 @@ class CtrlCAtBatchEnd(pl.Callback):
                     "at once")
 
     def _promote(self, trainer: pl.Trainer) -> None:
-        if self.requested:
-            trainer._signal_connector.received_sigterm = True  # Lightning's own stop flag (no public setter)
+        trainer._signal_connector.received_sigterm = True  # Lightning's own stop flag (no public setter)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if not validation_follows(trainer, batch_idx):  # else at the epoch's end, after validation
+        if self.requested and not validation_follows(trainer, batch_idx):  # else at the epoch's end
             self._promote(trainer)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._promote(trainer)
+        if self.requested:
+            self._promote(trainer)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._restore()
@@ -102,14 +98,8 @@ class CtrlCAtBatchEnd(pl.Callback):
         self._restore()
 
     def _restore(self) -> None:
-        if self._installed and signal.getsignal(signal.SIGINT) == self._on_ctrl_c:
-            signal.signal(signal.SIGINT, self._previous)
-        self._installed = False
-
-    def raise_if_requested(self, stop: BaseException) -> None:
-        """Around ``trainer.fit``: a SIGTERMException that came from a Ctrl-C is raised as KeyboardInterrupt."""
-        if self.requested:
-            raise KeyboardInterrupt("Ctrl-C") from stop
+        if signal.getsignal(signal.SIGINT) == self._on_ctrl_c:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def validation_follows(trainer: pl.Trainer, batch_idx: int) -> bool:

@@ -85,10 +85,9 @@ def fit_and_test(cfg: FinetuneConfig) -> dict[str, Any]:
         try:
             trainer.fit(fit_module, datamodule=datamodule,
                         ckpt_path=str(run.resume_from) if run.resume_from else None)
-        except SIGTERMException as stop:
-            for callback in trainer.callbacks:
-                if isinstance(callback, CtrlCAtBatchEnd):
-                    callback.raise_if_requested(stop)
+        except SIGTERMException as stop:  # Lightning's stop after a batch: for SIGTERM, or for our Ctrl-C
+            if any(isinstance(c, CtrlCAtBatchEnd) and c.requested for c in trainer.callbacks):
+                raise KeyboardInterrupt("Ctrl-C") from stop
             raise
         feature_seconds = getattr(datamodule, "extract_seconds", 0.0)
         train_seconds = time.perf_counter() - fit_started - feature_seconds
