@@ -185,6 +185,49 @@ def test_a_second_ctrl_c_stops_at_once(compose_cfg, monkeypatch, tmp_path: Path,
     assert state["global_step"] == 9  # in the middle of the block of steps 7-10: nothing waited
 
 
+def test_sigterm_during_validation_then_resume_validates_again(compose_cfg, monkeypatch, tmp_path: Path,
+                                                               tmp_path_factory) -> None:
+    # Lightning's validation loop stops at the next batch on SIGTERM; interrupted.ckpt then said "last train
+    # batch done" and the resume skipped that validation: its val metric never reached the best checkpoint (the
+    # resumed run's best was best-epoch01.ckpt, the uninterrupted run's best-epoch00.ckpt) and the test ran on
+    # other weights
+    import json
+
+    folder = write_image_folder(tmp_path_factory.mktemp("val-batches") / "images", per_class=30)  # 3 val batches
+    extra = ("strategy=feature_extractor", "cache.enabled=false", "data.num_workers=0", "trainer.max_epochs=3")
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    train(_cfg(compose_cfg, folder, straight, *extra))
+
+    original = FinetuneModule.validation_step
+    seen: list[tuple[int, int]] = []
+
+    def step(self, data, batch_idx):
+        if not self.trainer.sanity_checking:
+            seen.append((self.current_epoch, batch_idx))
+            if stopping and len(seen) == 2:  # the first validation's second batch
+                os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, data, batch_idx)
+
+    monkeypatch.setattr(FinetuneModule, "validation_step", step)
+    stopping = True
+    with pytest.raises(SIGTERMException):
+        train(_cfg(compose_cfg, folder, stopped, *extra))
+    first_validation = seen[:2]
+    seen.clear()
+    stopping = False
+    train(_cfg(compose_cfg, folder, stopped, *extra, "resume=auto"))
+
+    val_batches = max(batch for _, batch in seen) + 1
+    assert val_batches > 2 and seen[:val_batches] == [(first_validation[0][0], i) for i in range(val_batches)]
+    ours, theirs = (json.loads((run / "summary.json").read_text()) for run in (stopped, straight))
+    assert Path(ours["best_checkpoint"]).name == Path(theirs["best_checkpoint"]).name
+    assert (ours["best_val_metric"], ours["test"]) == (theirs["best_val_metric"], theirs["test"])
+    resumed, uninterrupted = _weights(stopped), _weights(straight)
+    assert all(torch.equal(resumed[key], uninterrupted[key]) for key in uninterrupted)
+    last = torch.load(stopped / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert "validation_unfinished" not in last["callbacks"]["ResumeInEpoch"]  # only a checkpoint saved mid-way
+
+
 def test_resume_inside_an_epoch_with_other_cache_blocks_is_refused(compose_cfg, monkeypatch, tmp_path: Path,
                                                                    folder: Path) -> None:
     """Lightning counts done batches: blocks of 2 steps done are not batches of one step done."""

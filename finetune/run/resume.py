@@ -155,9 +155,11 @@ class InterruptCheckpoint(pl.Callback):
 
 
 class ResumeInEpoch(pl.Callback):
-    """A run resumed mid-epoch goes on with the next batch of the same order, with that epoch's stages.
+    """A run resumed mid-epoch goes on with the next batch of the same order, with that epoch's stages; one
+    stopped during a validation runs that validation again.
 
-    It then ends with the weights of an uninterrupted run (:func:`position_train_loaders`).
+    It then ends with the weights, the best checkpoint and the metrics of an uninterrupted run
+    (:func:`position_train_loaders`, :func:`revalidate`).
     """
 
     def __init__(self) -> None:
@@ -165,14 +167,28 @@ class ResumeInEpoch(pl.Callback):
         self._quiet: tuple | None = None  # the warnings filter hiding Lightning's mid-epoch warning
         self.samples_per_batch: int | None = None  # of this run's train loader; a checkpoint records it
         self._recorded: int | None = None  # what the checkpoint resumed from recorded
+        self._trainer: pl.Trainer | None = None  # read when a checkpoint is saved (state_dict has no argument)
+        self._validation_unfinished = False  # what the checkpoint resumed from recorded
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._trainer = proxy(trainer)  # no cycle: the trainer holds this callback
 
     def state_dict(self) -> dict[str, Any]:
-        return {"samples_per_batch": self.samples_per_batch} if self.samples_per_batch is not None else {}
+        state: dict[str, Any] = {}
+        if self.samples_per_batch is not None:
+            state["samples_per_batch"] = self.samples_per_batch
+        if self._trainer is not None and validating_unfinished(self._trainer):
+            state["validation_unfinished"] = True
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._recorded = state_dict.get("samples_per_batch")
+        self._validation_unfinished = bool(state_dict.get("validation_unfinished", False))
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._validation_unfinished:
+            self._validation_unfinished = False
+            revalidate(trainer)
         if restarted_inside_epoch(trainer):
             replay_epoch_start(trainer, pl_module)
         samplers = train_samplers(trainer)
@@ -246,6 +262,39 @@ def position_train_loaders(trainer: pl.Trainer, done: int) -> bool:
         log.info("resuming epoch %d at batch %d of %d, in the same order as the uninterrupted run", epoch,
                  done + 1, trainer.num_training_batches)
     return bool(samplers)
+
+
+def validating_unfinished(trainer: pl.Trainer) -> bool:
+    """Whether fit is inside a validation that has batches left: what a checkpoint saved now (on SIGTERM, or
+    a second Ctrl-C) stops in the middle of. Not in the validation's end hooks, where the epoch's own
+    checkpoints are saved after its last batch."""
+    from pytorch_lightning.trainer.states import RunningStage, TrainerFn
+
+    if trainer.state.fn != TrainerFn.FITTING or trainer.state.stage != RunningStage.VALIDATING:
+        return False
+    return not trainer.fit_loop.epoch_loop.val_loop.batch_progress.is_last_batch
+
+
+def revalidate(trainer: pl.Trainer) -> None:
+    """Make the restored loop run the interrupted validation again, from its first batch.
+
+    The checkpoint holds the weights the validation was measuring (no training step comes between), but
+    Lightning reads its counters as "the epoch's last batch is done" and skips the validation: the resumed
+    run then never saw that epoch's val metric, so its best checkpoint, early stopping and the test on the
+    best weights differed from an uninterrupted run's. Lightning restarts a validation saved from inside
+    a step itself (``restarted_mid_evaluation``: the training loop then validates before training on);
+    this makes it take that path with no val batch counted as done. Runs in ``on_train_start``, after
+    Lightning's restart bookkeeping (private loop state, pinned by pyproject's upper bound).
+    """
+    from pytorch_lightning.loops.evaluation_loop import RestartStage
+
+    epoch_loop = trainer.fit_loop.epoch_loop
+    if not epoch_loop.restarting:
+        return
+    val_loop = epoch_loop.val_loop
+    val_loop.batch_progress.current.reset()
+    val_loop._restart_stage = RestartStage.RESTARTED_MID_EVALUATION
+    log.info("resuming with epoch %d's validation, which the interruption stopped half-way", trainer.current_epoch)
 
 
 def restarted_inside_epoch(trainer: pl.Trainer) -> bool:
