@@ -123,6 +123,7 @@ def _interrupt_resume_compare(compose_cfg, monkeypatch, tmp_path: Path, straight
         warnings.simplefilter("always")
         train(_cfg(compose_cfg, folder, stopped, *extra, "resume=auto"))
     resumed = _weights(stopped)
+    assert not (stopped / "checkpoints" / "interrupted.ckpt").exists()  # superseded once the resumed fit ended
     assert straight.keys() == resumed.keys()
     for key in straight:
         assert torch.equal(straight[key], resumed[key]), f"{key} differs after the mid-epoch resume"
@@ -185,37 +186,79 @@ def test_a_second_ctrl_c_stops_at_once(compose_cfg, monkeypatch, tmp_path: Path,
     assert state["global_step"] == 9  # in the middle of the block of steps 7-10: nothing waited
 
 
+@pytest.fixture(scope="module")
+def val_folder(tmp_path_factory) -> Path:
+    return write_image_folder(tmp_path_factory.mktemp("val-batches") / "images", per_class=30)  # 3 val batches
+
+
+EVAL_RUN = ("strategy=feature_extractor", "cache.enabled=false", "data.num_workers=0", "trainer.max_epochs=3")
+
+
+def _sigterm_in(monkeypatch, step_name: str, when) -> None:
+    """SIGTERM to this process in FinetuneModule's ``step_name`` (validation_step, test_step) when ``when(module,
+    batch_idx)``."""
+    original = getattr(FinetuneModule, step_name)
+
+    def step(self, data, batch_idx):
+        if when(self, batch_idx):
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, data, batch_idx)
+
+    monkeypatch.setattr(FinetuneModule, step_name, step)
+
+
+def test_sigterm_during_the_test_leaves_last_ckpt_the_one_to_resume_and_extend(compose_cfg, monkeypatch,
+                                                                               tmp_path: Path,
+                                                                               val_folder: Path) -> None:
+    # interrupted.ckpt was saved during the test too: the best epoch's weights (the test's) with the finished
+    # fit's training state, newer than last.ckpt. The resume tested the same, but extending the run
+    # (trainer.max_epochs=4, resume=auto) then trained on from the best epoch's weights: head off by 0.044
+    import json
+
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    train(_cfg(compose_cfg, val_folder, straight, *EVAL_RUN))
+    _sigterm_in(monkeypatch, "test_step", lambda module, batch_idx: batch_idx == 1)
+    with pytest.raises(SIGTERMException):
+        train(_cfg(compose_cfg, val_folder, stopped, *EVAL_RUN))
+    monkeypatch.undo()
+    assert not (stopped / "checkpoints" / "interrupted.ckpt").exists()
+    train(_cfg(compose_cfg, val_folder, stopped, *EVAL_RUN, "resume=auto"))  # fit has nothing left: tests
+    ours, theirs = (json.loads((run / "summary.json").read_text()) for run in (stopped, straight))
+    assert ours["test"] == theirs["test"]
+
+    longer = (*EVAL_RUN[:-1], "trainer.max_epochs=4", "resume=auto")
+    for run in (straight, stopped):
+        train(_cfg(compose_cfg, val_folder, run, *longer))
+    extended, uninterrupted = _weights(stopped), _weights(straight)
+    assert all(torch.equal(extended[key], uninterrupted[key]) for key in uninterrupted)
+
+
 def test_sigterm_during_validation_then_resume_validates_again(compose_cfg, monkeypatch, tmp_path: Path,
-                                                               tmp_path_factory) -> None:
+                                                               val_folder: Path) -> None:
     # Lightning's validation loop stops at the next batch on SIGTERM; interrupted.ckpt then said "last train
     # batch done" and the resume skipped that validation: its val metric never reached the best checkpoint (the
     # resumed run's best was best-epoch01.ckpt, the uninterrupted run's best-epoch00.ckpt) and the test ran on
     # other weights
     import json
 
-    folder = write_image_folder(tmp_path_factory.mktemp("val-batches") / "images", per_class=30)  # 3 val batches
-    extra = ("strategy=feature_extractor", "cache.enabled=false", "data.num_workers=0", "trainer.max_epochs=3")
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
-    train(_cfg(compose_cfg, folder, straight, *extra))
+    train(_cfg(compose_cfg, val_folder, straight, *EVAL_RUN))
 
-    original = FinetuneModule.validation_step
     seen: list[tuple[int, int]] = []
 
-    def step(self, data, batch_idx):
-        if not self.trainer.sanity_checking:
-            seen.append((self.current_epoch, batch_idx))
-            if stopping and len(seen) == 2:  # the first validation's second batch
-                os.kill(os.getpid(), signal.SIGTERM)
-        return original(self, data, batch_idx)
+    def second_val_batch(module, batch_idx: int) -> bool:  # and records the batches validated
+        if not module.trainer.sanity_checking:
+            seen.append((module.current_epoch, batch_idx))
+        return stopping and len(seen) == 2  # the first validation's second batch
 
-    monkeypatch.setattr(FinetuneModule, "validation_step", step)
+    _sigterm_in(monkeypatch, "validation_step", second_val_batch)
     stopping = True
     with pytest.raises(SIGTERMException):
-        train(_cfg(compose_cfg, folder, stopped, *extra))
+        train(_cfg(compose_cfg, val_folder, stopped, *EVAL_RUN))
     first_validation = seen[:2]
     seen.clear()
     stopping = False
-    train(_cfg(compose_cfg, folder, stopped, *extra, "resume=auto"))
+    train(_cfg(compose_cfg, val_folder, stopped, *EVAL_RUN, "resume=auto"))
 
     val_batches = max(batch for _, batch in seen) + 1
     assert val_batches > 2 and seen[:val_batches] == [(first_validation[0][0], i) for i in range(val_batches)]

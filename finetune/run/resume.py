@@ -137,6 +137,13 @@ class InterruptCheckpoint(pl.Callback):
     checkpoint is usually taken mid-epoch; :class:`ResumeInEpoch` makes a resume from it go on with
     the next batch of that epoch's order. Not Lightning's public ``OnExceptionCheckpoint``: it saves on
     every exception, so a NaN loss would leave a diverged checkpoint as the newest one to resume from.
+
+    Only during fit. An interruption of the test after it saved the test's weights (the best epoch's)
+    with the finished fit's training state, as the newest checkpoint: a later ``resume=auto`` that
+    extended the run (``trainer.max_epochs`` grown) trained on from the best epoch's weights instead of
+    the last one's. last.ckpt holds the finished fit; a resume from it tests again. Once a fit ends,
+    the interrupted.ckpt it resumed from is superseded and is removed (it keeps a full training state:
+    up to 1.6 GB for a VGG-16 fine-tuned in full), so a finished run's folder never holds a stale one.
     """
 
     def __init__(self, dirpath: str | os.PathLike) -> None:
@@ -144,14 +151,23 @@ class InterruptCheckpoint(pl.Callback):
         self.saved: Path | None = None
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        from pytorch_lightning.trainer.states import TrainerFn
         from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-        if not isinstance(exception, KeyboardInterrupt | SIGTERMException):
+        if not isinstance(exception, KeyboardInterrupt | SIGTERMException) or trainer.state.fn != TrainerFn.FITTING:
             return
         path = self.dirpath / f"{INTERRUPTED_NAME}.ckpt"
         trainer.save_checkpoint(str(path), weights_only=False)  # everything; said, so Lightning does not log it
         self.saved = path
         log.warning("interrupted: resumable checkpoint saved to %s", path)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """After a fit that ended (its checkpoint writes committed): the interrupted.ckpt it resumed from is
+        behind last.ckpt now."""
+        stale = self.dirpath / f"{INTERRUPTED_NAME}.ckpt"
+        if trainer.is_global_zero and stale.is_file() and (self.dirpath / "last.ckpt").is_file():
+            stale.unlink()
+            log.info("removed %s: this run went on past it (last.ckpt)", stale.name)
 
 
 class ResumeInEpoch(pl.Callback):
