@@ -63,14 +63,24 @@ def test_cached_run_equals_uncached_run_and_is_reused(compose_cfg, small) -> Non
         assert torch.equal(cached_head[key], uncached_head[key])
 
 
-def test_cache_key_changes_with_what_determines_the_features(compose_cfg, small) -> None:
+def test_cache_key_changes_with_what_determines_the_features(compose_cfg, small, monkeypatch) -> None:
+    import torchvision
+
+    from finetune.data import features
+
     tiny = (*TINY, *small)
     base = train(compose_cfg(*tiny, "trainer.max_epochs=1"))
     other_size = train(own_dir(compose_cfg(*tiny, "trainer.max_epochs=1", "data.image_size=48"), "size"))
     other_seed = train(own_dir(compose_cfg(*tiny, "trainer.max_epochs=1", "seed=7"), "seed"))  # random init differs
-    assert len({base["feature_cache"], other_size["feature_cache"], other_seed["feature_cache"]}) == 3
+    # the code that computes the features: finetune's extraction (and torch, torchvision, Pillow releases)
+    monkeypatch.setattr(features, "EXTRACTION_VERSION", features.EXTRACTION_VERSION + 1)
+    other_code = train(own_dir(compose_cfg(*tiny, "trainer.max_epochs=1"), "code"))
+    folders = {run["feature_cache"] for run in (base, other_size, other_seed, other_code)}
+    assert len(folders) == 4
     meta = json.loads((Path(base["feature_cache"]) / "meta.json").read_text())
     assert meta["frozen_stages"] == ["stem", "layer1", "layer2", "layer3", "layer4"]
+    assert meta["code"]["torchvision"] == ".".join(torchvision.__version__.split(".")[:2])
+    assert set(meta["code"]) == {"extraction", "torch", "torchvision", "pillow"}  # timm only for its models
 
 
 def test_partial_unfreeze_caches_the_last_frozen_stage(compose_cfg) -> None:

@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from finetune.data.resident import BlockLoader, ResidentFeatures, block_steps, fits, nbytes
 from finetune.errors import SetupError
-from finetune.model.backbones import Backbone, imagenet_weights, weights_source
+from finetune.model.backbones import Backbone, imagenet_weights, is_timm, weights_source
 from finetune.progress import progress
 
 log = logging.getLogger(__name__)
@@ -61,6 +61,31 @@ def weights_identity(backbone_name: str, weights: str | None, seed: int) -> str:
         stat = path.stat()
         return f"file:{path}:{stat.st_size}:{stat.st_mtime_ns}"
     return f"random-init:seed={seed}"
+
+
+# Bump when what extract_features / frozen_prefix compute from the same images changes: the cache key holds it,
+# so a cache written by the older code is extracted again instead of being reused.
+EXTRACTION_VERSION = 1
+
+
+def code_identity(backbone_name: str) -> dict[str, Any]:
+    """The code that computes the cached tensors: finetune's extraction, and major.minor of the libraries that
+    decode, transform and run the prefix (timm's too, for its models).
+
+    A release can change a kernel or a default (torchvision 0.17 turned antialiasing on for tensor resizes;
+    timm redefines models between versions): a cache keyed without them was reused as it was. Patch releases
+    are left out, so a bug-fix upgrade keeps the cache.
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    packages = ["torch", "torchvision", "pillow", *(["timm"] if is_timm(backbone_name) else [])]
+    found: dict[str, Any] = {"extraction": EXTRACTION_VERSION}
+    for package in packages:
+        try:
+            found[package] = ".".join(version(package).split("+")[0].split(".")[:2])
+        except PackageNotFoundError:
+            found[package] = None
+    return found
 
 
 def cache_key(parts: dict[str, Any]) -> str:

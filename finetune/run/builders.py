@@ -29,7 +29,7 @@ from finetune.config.typed import plain
 from finetune.data.datamodule import ImageDataModule, Transformed, resolve_num_workers
 from finetune.data.datasets import Splits, class_counts, use_decoder
 from finetune.data.device_decode import EncodedImages
-from finetune.data.features import FeatureCacheDataModule, cache_key, frozen_prefix, weights_identity
+from finetune.data.features import FeatureCacheDataModule, cache_key, code_identity, frozen_prefix, weights_identity
 from finetune.data.images import image_loader
 from finetune.data.transforms import describe, eval_transform, train_transform
 from finetune.errors import SetupError
@@ -233,6 +233,7 @@ def build_datamodule(
         "split_sizes": [len(splits.train), len(splits.val), len(splits.test)],
         "views": views,
         "dtype": str(cfg.cache.dtype),
+        "code": code_identity(cfg.backbone.name),
         **({"decode": prep.decode} if prep.decode != "pil" else {}),  # pil: the key of caches made before the field
     }
     folder = Path(cfg.cache.dir).expanduser() / f"{cfg.backbone.name.replace('/', '_')}-{cache_key(meta)}"
