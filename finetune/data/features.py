@@ -76,15 +76,15 @@ def code_identity(backbone_name: str) -> dict[str, Any]:
     timm redefines models between versions): a cache keyed without them was reused as it was. Patch releases
     are left out, so a bug-fix upgrade keeps the cache.
     """
-    from importlib.metadata import PackageNotFoundError, version
+    import importlib
 
-    packages = ["torch", "torchvision", "pillow", *(["timm"] if is_timm(backbone_name) else [])]
+    modules = {"torch": "torch", "torchvision": "torchvision", "pillow": "PIL"}
+    if is_timm(backbone_name):
+        modules["timm"] = "timm"
     found: dict[str, Any] = {"extraction": EXTRACTION_VERSION}
-    for package in packages:
-        try:
-            found[package] = ".".join(version(package).split("+")[0].split(".")[:2])
-        except PackageNotFoundError:
-            found[package] = None
+    for name, module in modules.items():  # the code imported (a fork such as Pillow-SIMD: its own version)
+        release = str(getattr(importlib.import_module(module), "__version__", "unknown"))
+        found[name] = ".".join(release.split("+")[0].split(".")[:2])
     return found
 
 

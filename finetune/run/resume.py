@@ -10,9 +10,10 @@ import logging
 import os
 import random
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from weakref import proxy
+from weakref import proxy, ref
 
 import numpy as np
 import pytorch_lightning as pl
@@ -144,11 +145,23 @@ class InterruptCheckpoint(pl.Callback):
     the last one's. last.ckpt holds the finished fit; a resume from it tests again. Once a fit ends,
     the interrupted.ckpt it resumed from is superseded and is removed (it keeps a full training state:
     up to 1.6 GB for a VGG-16 fine-tuned in full), so a finished run's folder never holds a stale one.
+
+    With EMA (Lightning's WeightAveraging) a validation runs on the averaged weights, swapped in at its
+    start and out at its end. A stop half-way through skipped the swap back, so the checkpoint held the
+    averaged weights as the training weights and the raw ones as the average: the resumed run trained on
+    from the average (weights off by 0.013, another best epoch). The swap is undone before the save.
     """
 
     def __init__(self, dirpath: str | os.PathLike) -> None:
         self.dirpath = Path(dirpath)
         self.saved: Path | None = None
+        self._validation_open = False  # between on_validation_epoch_start and _end: averaged weights swapped in
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._validation_open = True
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._validation_open = False
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         from pytorch_lightning.trainer.states import TrainerFn
@@ -156,6 +169,9 @@ class InterruptCheckpoint(pl.Callback):
 
         if not isinstance(exception, KeyboardInterrupt | SIGTERMException) or trainer.state.fn != TrainerFn.FITTING:
             return
+        if self._validation_open:
+            self._validation_open = False
+            swap_back_averaged_weights(trainer, pl_module)
         path = self.dirpath / f"{INTERRUPTED_NAME}.ckpt"
         trainer.save_checkpoint(str(path), weights_only=False)  # everything; said, so Lightning does not log it
         self.saved = path
@@ -163,11 +179,21 @@ class InterruptCheckpoint(pl.Callback):
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """After a fit that ended (its checkpoint writes committed): the interrupted.ckpt it resumed from is
-        behind last.ckpt now."""
+        behind last.ckpt now (kept when last.ckpt is older, e.g. saved every few epochs only)."""
         stale = self.dirpath / f"{INTERRUPTED_NAME}.ckpt"
-        if trainer.is_global_zero and stale.is_file() and (self.dirpath / "last.ckpt").is_file():
+        if trainer.is_global_zero and stale.is_file() and latest_checkpoint(self.dirpath) == self.dirpath / "last.ckpt":
             stale.unlink()
             log.info("removed %s: this run went on past it (last.ckpt)", stale.name)
+
+
+def swap_back_averaged_weights(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    """What WeightAveraging's ``on_validation_epoch_end`` does: the training weights back in the module, the
+    average back in its AveragedModel (private API, pinned by pyproject's upper bound)."""
+    from pytorch_lightning.callbacks import WeightAveraging
+
+    for callback in trainer.callbacks:
+        if isinstance(callback, WeightAveraging) and getattr(callback, "_average_model", None) is not None:
+            callback._swap_models(pl_module)
 
 
 class ResumeInEpoch(pl.Callback):
@@ -183,27 +209,33 @@ class ResumeInEpoch(pl.Callback):
         self._quiet: tuple | None = None  # the warnings filter hiding Lightning's mid-epoch warning
         self.samples_per_batch: int | None = None  # of this run's train loader; a checkpoint records it
         self._recorded: int | None = None  # what the checkpoint resumed from recorded
-        self._trainer: pl.Trainer | None = None  # read when a checkpoint is saved (state_dict has no argument)
-        self._validation_unfinished = False  # what the checkpoint resumed from recorded
+        self._trainer: Callable[[], pl.Trainer | None] | None = None  # a weak reference, for state_dict
+        # the checkpoint resumed from was saved inside a validation, and it has not run again yet
+        self._validation_unfinished = False
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._trainer = proxy(trainer)  # no cycle: the trainer holds this callback
+        self._trainer = ref(trainer)  # no cycle: the trainer holds this callback
 
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {}
-        if self.samples_per_batch is not None:
-            state["samples_per_batch"] = self.samples_per_batch
-        if self._trainer is not None and validating_unfinished(self._trainer):
-            state["validation_unfinished"] = True
+        samples = self.samples_per_batch if self.samples_per_batch is not None else self._recorded
+        if samples is not None:  # before on_train_start: still the restored checkpoint's
+            state["samples_per_batch"] = samples
+        trainer = self._trainer() if self._trainer is not None else None
+        if self._validation_unfinished or (trainer is not None and validating_unfinished(trainer)):
+            state["validation_unfinished"] = True  # also when stopped again before it ran
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._recorded = state_dict.get("samples_per_batch")
         self._validation_unfinished = bool(state_dict.get("validation_unfinished", False))
 
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking:  # before on_validation_end, where ModelCheckpoint saves
+            self._validation_unfinished = False
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._validation_unfinished:
-            self._validation_unfinished = False
             revalidate(trainer)
         if restarted_inside_epoch(trainer):
             replay_epoch_start(trainer, pl_module)
@@ -237,6 +269,7 @@ class ResumeInEpoch(pl.Callback):
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
+        self._validation_unfinished = False  # it ran again by now, or Lightning did not take it up
         if self._first_batch is None:
             return
         expected, self._first_batch = self._first_batch, None
