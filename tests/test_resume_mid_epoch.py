@@ -235,16 +235,20 @@ def test_sigterm_during_the_test_leaves_last_ckpt_the_one_to_resume_and_extend(c
 
 # with EMA the validation runs on the averaged weights, swapped in at its start and out at its end: a stop half-way
 # saved them swapped, and the resumed run trained on from the average (weights off by 0.013, another best epoch)
-@pytest.mark.parametrize("ema", [(), ("regularization.ema_decay=0.9",)], ids=["plain", "ema"])
+# (resident: cached features on the device, validated in blocks of one minibatch: 3 val blocks)
+@pytest.mark.parametrize("variant", [(), ("regularization.ema_decay=0.9",),
+                                     ("cache.enabled=true", "cache.steps_per_block=1")],
+                         ids=["plain", "ema", "resident"])
 def test_sigterm_during_validation_then_resume_validates_again(compose_cfg, monkeypatch, tmp_path: Path,
-                                                               val_folder: Path, ema: tuple[str, ...]) -> None:
+                                                               val_folder: Path, variant: tuple[str, ...]) -> None:
     # Lightning's validation loop stops at the next batch on SIGTERM; interrupted.ckpt then said "last train
     # batch done" and the resume skipped that validation: its val metric never reached the best checkpoint (the
     # resumed run's best was best-epoch01.ckpt, the uninterrupted run's best-epoch00.ckpt) and the test ran on
     # other weights
     import json
 
-    run = (*EVAL_RUN, *ema)
+    run = (*EVAL_RUN, *variant)  # a later override of a key wins
+    ema = "regularization.ema_decay=0.9" in variant
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     train(_cfg(compose_cfg, val_folder, straight, *run))
 
