@@ -19,12 +19,17 @@ WARNINGS = (
 # and the step loss is logged per optimizer step (FinetuneModule._manual_steps): the warning is wrong there.
 BLOCKS_WARNING = r"The number of training batches \(\d+\) is smaller than the logging interval"
 # Lightning's advertisements and bookkeeping, logged at INFO on every run
-LOG_PREFIXES = ("💡 Tip:", "Loading `train_dataloader` to estimate number of stepping batches")
+LOG_PREFIXES = ("💡 Tip:", "Loading `train_dataloader` to estimate number of stepping batches",
+                "`weights_only` was not set")  # lr_find's save of its temp checkpoint; finetune's own saves say it
+# lr_find saves the model to a temp file before its sweep and restores it after: three INFO lines about a file the
+# user never made (restoring a run's own checkpoint still prints)
+LR_FIND_TEMP = ".lr_find_"
 
 
 class _DropTips(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.getMessage()).startswith(LOG_PREFIXES)
+        message = str(record.getMessage())
+        return not (message.startswith(LOG_PREFIXES) or LR_FIND_TEMP in message)
 
 
 def quiet_known_noise() -> None:
@@ -33,7 +38,9 @@ def quiet_known_noise() -> None:
         return
     for message, category in WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category)
-    for name in ("pytorch_lightning.utilities.rank_zero", "lightning.pytorch.utilities.rank_zero"):
+    for name in ("pytorch_lightning.utilities.rank_zero", "lightning.pytorch.utilities.rank_zero",
+                 "pytorch_lightning.trainer.connectors.checkpoint_connector",
+                 "lightning.pytorch.trainer.connectors.checkpoint_connector"):
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropTips) for f in logger.filters):
             logger.addFilter(_DropTips())
