@@ -5,7 +5,8 @@
 One warm feature cache (resnet18 at 64 px, frozen, the CIFAR-10 subset from ../shared/data or digits without
 it), then, interleaved for ``--rounds`` rounds: finetune with ``cache.resident=false`` (a DataLoader batch
 and one Lightning step per optimizer step), finetune with the default ``cache.resident=auto`` (the train
-features on the device, ``cache.steps_per_block`` optimizer steps per Lightning step), and a plain PyTorch
+features on the device, ``cache.steps_per_block`` optimizer steps per Lightning step), the same with Lightning's
+own ``self.log`` (without ``finetune.run.fast_log``: what that saves), and a plain PyTorch
 loop over the same cached features held as one tensor on the device: the same EpochSampler order, an
 ``nn.Linear`` head, cross-entropy, AdamW with the config's groups and warmup-cosine schedule, and one
 validation pass per epoch, as finetune runs it; once with torch's default AdamW (the issue's plain loop), once
@@ -19,10 +20,12 @@ and whether the two finetune runs trained identical heads. Target (issue 18): re
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shutil
 import statistics
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,14 +34,17 @@ import harness
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.trainer.connectors.logger_connector.result import _ResultMetric
 from torch import nn
 
 from finetune.data.datamodule import EpochSampler
 from finetune.model.module import warmup_cosine
+from finetune.run import fast_log
 
 TARGET = 1.3
 VARIANTS = {"per_step": "finetune, cache.resident=false (a DataLoader batch per step)",
             "resident": "finetune, cache.resident=auto (blocks on the device)",
+            "resident_lightning_log": "the same, Lightning's own self.log (no fast_log)",
             "plain": "plain loop over a device tensor (torch's default AdamW)",
             "plain_fused": "plain loop, fused AdamW (as finetune's optimizer.fused=auto)"}
 
@@ -64,7 +70,20 @@ class TrainClock(pl.Callback):
         self._first = None
 
 
-def run_finetune(cfg: Any) -> dict[str, Any]:
+@contextlib.contextmanager
+def lightning_log() -> Iterator[None]:
+    """Lightning's own ``_ResultMetric.to`` for the runs inside (what finetune.run.fast_log replaces)."""
+    fast = _ResultMetric.to
+    install = fast_log.install
+    _ResultMetric.to = getattr(fast, "lightning_to", fast)
+    fast_log.install = lambda: False
+    try:
+        yield
+    finally:
+        _ResultMetric.to, fast_log.install = fast, install
+
+
+def run_finetune(cfg: Any, fast_logging: bool = True) -> dict[str, Any]:
     import finetune.run.train as train_module
 
     clock = TrainClock()
@@ -72,7 +91,8 @@ def run_finetune(cfg: Any) -> dict[str, Any]:
     train_module.build_callbacks = lambda *a, **k: [*build_callbacks(*a, **k), clock]  # the run as train() builds it
     cpu = time.process_time()
     try:
-        summary = train_module.train(cfg)
+        with contextlib.nullcontext() if fast_logging else lightning_log():
+            summary = train_module.train(cfg)
     finally:
         train_module.build_callbacks = build_callbacks
     best = torch.load(summary["best_checkpoint"], map_location="cpu", weights_only=True)["state_dict"]
@@ -174,7 +194,8 @@ def main() -> None:
                                                 fused=name == "plain_fused"))
                 else:
                     extra = ["cache.resident=false"] if name == "per_step" else []
-                    runs[name].append(run_finetune(cache_speedup.compose([*overrides, *extra], work, name)))
+                    runs[name].append(run_finetune(cache_speedup.compose([*overrides, *extra], work, name),
+                                                   fast_logging=name != "resident_lightning_log"))
             print(f"round {r + 1}: " + ", ".join(f"{n} {runs[n][-1]['train_s']:.3f} s" for n in VARIANTS), flush=True)
         report(runs, args, machine)
     finally:
@@ -190,15 +211,17 @@ def report(runs: dict[str, list[dict[str, Any]]], args: argparse.Namespace, mach
     for name, label in VARIANTS.items():
         print(f"  {label:<62} {median[name]:7.3f} s  {1e3 * median[name] / steps:6.3f} ms/step | "
               f"{stepping[name]:7.3f} s  {1e3 * stepping[name] / steps:6.3f} ms/step")
-    pairs = zip(runs["per_step"], runs["resident"], strict=True)
-    identical = all(torch.equal(a["head"][k], b["head"][k]) for a, b in pairs for k in a["head"])
-    same_acc = {r["test_acc"] for r in runs["per_step"] + runs["resident"]}
+    finetunes = ("per_step", "resident", "resident_lightning_log")
+    identical = all(torch.equal(a["head"][k], b["head"][k]) for name in finetunes[1:]
+                    for a, b in zip(runs["per_step"], runs[name], strict=True) for k in a["head"])
+    same_acc = {r["test_acc"] for name in finetunes for r in runs[name]}
     ratios = {"resident/plain": median["resident"] / median["plain"],
               "per_step/plain": median["per_step"] / median["plain"],
               "per_step/resident": median["per_step"] / median["resident"]}
     ratios["steps resident/plain"] = stepping["resident"] / stepping["plain"]
     ratios["steps per_step/plain"] = stepping["per_step"] / stepping["plain"]
     ratios["resident/plain_fused"] = median["resident"] / median["plain_fused"]
+    ratios["resident lightning log/resident"] = median["resident_lightning_log"] / median["resident"]
     # this machine's speed drifts within seconds: the ratio of runs next to each other, median over rounds
     ratios["paired resident/plain"] = statistics.median(
         a["train_s"] / b["train_s"] for a, b in zip(runs["resident"], runs["plain"], strict=True))
@@ -213,7 +236,10 @@ def report(runs: dict[str, list[dict[str, Any]]], args: argparse.Namespace, mach
           f"{ratios['paired resident/plain']:.2f}x; "
           f"resident / plain with fused AdamW {ratios['paired resident/plain_fused']:.2f}x "
           f"(ratio of medians {ratios['resident/plain_fused']:.2f}x: the framework's own cost, same optimizer kernel)")
-    print(f"finetune heads identical (resident vs per-step, every round): {identical}; test accuracy "
+    print(f"ratio resident with Lightning's own self.log / resident (finetune.run.fast_log): "
+          f"{ratios['resident lightning log/resident']:.2f}x the training phase")
+    print(f"finetune heads identical (resident and resident with Lightning's self.log vs per-step, every round): "
+          f"{identical}; test accuracy "
           f"{sorted(same_acc)}; steps {runs['resident'][0]['steps']} / {runs['per_step'][0]['steps']} / {steps}")
     harness.write_json(args.json, {"machine": machine, "args": vars(args) | {"json": str(args.json)},
                                    "median_train_s": median, "median_steps_s": stepping, "ratios": ratios,

@@ -17,7 +17,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ("cache_speedup.py", "framework_overhead.py", "roofline.py", "decode_pipeline.py", "feed_rate.py",
-           "optimizer_step.py")
+           "optimizer_step.py", "resident_loop.py")
 
 
 def run_quick(script: str, tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> tuple[str, dict]:

@@ -37,6 +37,7 @@ from finetune.model.backbones import Preprocessing, preprocessing_for, weights_s
 from finetune.model.module import FinetuneModule
 from finetune.model.unfreezing import StageUnfreezer
 from finetune.progress import counted
+from finetune.run import fast_log
 from finetune.run.resume import (
     AtomicCheckpointIO,
     FiniteLoss,
@@ -341,6 +342,7 @@ def build_trainer(cfg: FinetuneConfig, callbacks: list[pl.Callback], loggers: li
 
     ``manual_optimization`` (cached blocks): the module clips gradients itself (FinetuneModule.use_blocks), and
     Lightning refuses a Trainer-level gradient_clip_val under manual optimization."""
+    fast_log.install()  # self.log without Lightning's rebuild of the logged metric per call
     extra: dict[str, Any] = {"enable_model_summary": False}  # StageSummary (build_callbacks) tells the truth
     if manual_optimization:
         extra["gradient_clip_val"] = None
