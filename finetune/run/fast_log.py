@@ -11,6 +11,7 @@ tensor to the device it is on returns that tensor, and the metadata holds no ten
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 from typing import Any
 
@@ -21,6 +22,9 @@ try:  # Lightning's internals: without them (another release layout) nothing is 
 except ImportError:  # pragma: no cover - depends on the installed Lightning
     _ResultMetric = None  # type: ignore[assignment,misc]
     _Metadata = None  # type: ignore[assignment,misc]
+
+
+CONTAINERS = (dict, list, tuple, collections.OrderedDict)
 
 
 def already_on(obj: Any, device: torch.device) -> bool | None:
@@ -40,6 +44,8 @@ def already_on(obj: Any, device: torch.device) -> bool | None:
     else:
         return True  # apply_to_collection leaves it as it is
     for value in values:
+        if value is None or isinstance(value, (bool, int, float, str)) or (type(value) in CONTAINERS and not value):
+            continue  # most of a metric's __dict__: flags, names, empty hook dicts (the check is per self.log)
         verdict = already_on(value, device)
         if verdict is not True:
             return verdict
