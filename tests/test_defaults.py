@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +17,7 @@ from omegaconf import DictConfig, open_dict
 from finetune.errors import SetupError
 from finetune.run.resume import check_resume_matches
 from finetune.run.train import train
+from tests.conftest import write_image_folder
 
 
 def with_default_bar(cfg: DictConfig, bar: str = "rich") -> DictConfig:
@@ -78,3 +83,20 @@ def test_best_checkpoint_holds_weights_not_training_state(compose_cfg, image_fol
     assert Path(summary["best_checkpoint"]).stat().st_size < 0.6 * last_path.stat().st_size  # AdamW: 2 moments
     with pytest.raises(SetupError, match=r"holds the weights only .*resume=auto"):
         check_resume_matches(Path(summary["best_checkpoint"]), best["hyper_parameters"]["identity"])
+
+
+def test_a_default_cached_run_prints_no_python_warning(tmp_path: Path) -> None:
+    """The console of a default feature_extractor run (cache, resident features, rich bar, csv logger), warnings
+    not silenced as the other subprocess tests silence them: torch's "The given NumPy array is not writable"
+    (the resident features share the cache's read-only memory map) reached every user."""
+    root = write_image_folder(tmp_path / "images", classes=3, per_class=12)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"} | {"OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "finetune", "backbone=resnet18", "backbone.weights=none", "data=folder",
+         f"data.root={root}", "data.image_size=32", "data.num_workers=0", "trainer.max_epochs=2",
+         f"cache.dir={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    output = proc.stdout + proc.stderr
+    assert "feature cache:" in output and "run finished" in output  # the cached, resident path, to its end
+    assert not re.findall(r"^.*\b\w*Warning\b.*$", output, re.MULTILINE), output[-3000:]

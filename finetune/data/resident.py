@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from collections.abc import Iterator
 
 import numpy as np
@@ -44,8 +45,13 @@ class ResidentFeatures:
 
     def __init__(self, features: np.ndarray, labels: np.ndarray, views: int, device: torch.device) -> None:
         self.views = int(views)
-        self.features = torch.from_numpy(np.ascontiguousarray(features)).to(device)
-        self.labels = torch.from_numpy(np.ascontiguousarray(labels)).to(device)
+        with warnings.catch_warnings():
+            # The cache's files are read-only memory maps, and these tensors are only ever read (gathered into
+            # blocks): on a CPU they share the map's pages instead of copying them; torch's notice about writing
+            # to a read-only array has nothing to warn of here.
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
+            self.features = torch.from_numpy(np.ascontiguousarray(features)).to(device)
+            self.labels = torch.from_numpy(np.ascontiguousarray(labels)).to(device)
         self.device = device
 
     @property
