@@ -421,3 +421,43 @@ def test_cli_as_a_process(fixable_tree: Path, tmp_path: Path) -> None:
     assert skipped.returncode == 0, skipped.stderr
     assert len((tmp_path / "report" / "bad_files.txt").read_text().splitlines()) == 3  # bomb now fits
 
+
+
+def _cut_with_end_marker(path: Path, keep: float = 0.5) -> Path:
+    """A photo-like baseline JPEG cut off inside its scan data, the end marker (FF D9) put back after the cut:
+    Pillow and libjpeg decode it without an error, the missing blocks as flat grey."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(3).integers(0, 256, (64, 48, 3)).astype(np.uint8)
+    Image.fromarray(pixels).save(path, "JPEG", quality=90)
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)] + b"\xff\xd9")
+    return path
+
+
+def test_a_cut_off_jpeg_that_decodes_is_named_but_still_used(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    cut = _cut_with_end_marker(root / "train" / "cat" / "cut.jpg")
+    _jpeg(root / "train" / "cat" / "whole.jpg", size=32)
+    _jpeg(root / "train" / "dog" / "mid_grey.jpg", (128, 128, 128), size=32)  # grey with texture: not a fill
+    rotated = Image.open(_cut_with_end_marker(root / "train" / "dog" / "turned.jpg", keep=0.7))
+    exif = rotated.getexif()
+    exif[0x0112] = 6  # stored bottom shown on the left: the band is looked for along every edge
+    turned = root / "train" / "dog" / "turned.jpg"
+    turned.write_bytes(turned.read_bytes()[:2] + _exif_segment(exif) + turned.read_bytes()[2:])
+    assert np.all(np.asarray(decode_rgb(cut.read_bytes(), cut)[0])[-8:] == 128)  # no error: nothing else tells
+    upright = np.asarray(decode_rgb(turned.read_bytes(), turned)[0])
+    assert np.all(upright[:, :8] == 128) and not np.all(upright[-8:] == 128)  # the band on the left now
+
+    memo = tmp_path / "memo.json"
+    for _ in range(2):  # decoded, then read back from the memo
+        report = check_image_tree(root, memo=memo)
+        assert sorted(p.name for p in report.grey_edges) == ["cut.jpg", "turned.jpg"]
+        assert report.images == {"train": {"cat": 2, "dog": 2}} and not report.bad  # a warning, not a skip
+        (warning,) = [w for w in report.warnings() if "exact grey" in w]
+        assert "2 JPEG files" in warning and "train/cat/cut.jpg" in warning and "replace" in warning
+    assert json.loads(memo.read_text())["rules"]["grey_band"] == [128, 8]
+
+
+def _exif_segment(exif: Image.Exif) -> bytes:
+    payload = exif.tobytes()  # starts with Exif\0\0
+    return b"\xff\xe1" + (len(payload) + 2).to_bytes(2, "big") + payload

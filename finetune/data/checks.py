@@ -23,7 +23,7 @@ from typing import Any
 from PIL import Image
 
 from finetune.atomic import write_json_atomic, write_text_atomic
-from finetune.data.images import MAX_ASPECT, MAX_PIXELS, BadImageError, decode_rgb, is_image_file
+from finetune.data.images import JPEG_MAGIC, MAX_ASPECT, MAX_PIXELS, BadImageError, decode_rgb, is_image_file
 from finetune.errors import SetupError
 
 SPLITS = ("train", "val", "test")
@@ -37,6 +37,13 @@ HASH = "sha256"  # content hash of every file: duplicates, split groups, splits.
 LOOP = "loops back into a folder above it"
 OUTSIDE = "leads outside data.root"
 RELISTED = "leads to a file or folder already listed"
+
+# libjpeg, meeting the end marker before a baseline JPEG's data is complete, decodes the missing blocks as all-zero
+# coefficients, exact mid-grey, without an error ("premature end of data segment" goes to stderr, unnamed): a cut-off
+# file that still ends in FF D9 decodes with a grey band across its stored bottom. GREY_BAND rows of exact GREY_FILL
+# along a whole edge (any edge: EXIF may turn the stored bottom) is what the check reports.
+GREY_FILL = 128
+GREY_BAND = 8
 
 
 @dataclass(frozen=True)
@@ -91,6 +98,7 @@ class _FileResult:
     sha256: str
     mode: str | None
     error: str | None
+    grey_edge: bool = False  # a JPEG with an edge band of decoder fill (see GREY_FILL)
 
 
 @dataclass
@@ -109,6 +117,7 @@ class CheckReport:
     duplicates: list[DuplicatePair] = field(default_factory=list)
     links: list[SkippedLink] = field(default_factory=list)  # symbolic links not followed or not counted
     converted: dict[str, int] = field(default_factory=dict)  # original mode -> images converted to RGB
+    grey_edges: list[Path] = field(default_factory=list)  # JPEGs that may be cut off (GREY_FILL): used, named
     problems: list[str] = field(default_factory=list)  # tree-level structural errors
     # listed file -> SHA-256 of its bytes (every file that could be read); not written to data_check.json.
     # Pass it to load_folder_splits(hashes=...) so the split groups copies without reading the files again.
@@ -162,6 +171,14 @@ class CheckReport:
             if links:
                 shown = (f"{self._relative(link.path)} -> {self._relative(link.target)}" for link in links)
                 warnings_.append(f"{_count(links, 'symbolic link')} {what}, each {reason}: {_names(shown)}.")
+        if self.grey_edges:
+            warnings_.append(
+                f"{_count(self.grey_edges, 'JPEG file')} with a band of exact grey ({GREY_FILL}, {GREY_FILL}, "
+                f"{GREY_FILL}) along a whole edge, what a decoder fills in where a JPEG's data stops early (a "
+                f"cut-off file that still ends in an end marker decodes without an error): "
+                f"{_names(map(self._relative, self.grey_edges))}. Open them: replace the cut-off ones (they train "
+                "as half-grey pictures); grey padding that is really there is fine."
+            )
         if self.ignored:
             warnings_.append(
                 f"{_count(self.ignored, 'file')} without an image extension, ignored: "
@@ -555,7 +572,7 @@ def _read_memo(memo: Path | None, max_pixels: int, stamps: dict[Path, list[int] 
         for path, stamp in stamps.items():
             entry = entries.get(str(path))
             if entry is not None and stamp is not None and entry[:2] == stamp:
-                known[path] = _FileResult(path, entry[2], entry[3], entry[4])
+                known[path] = _FileResult(path, entry[2], entry[3], entry[4], bool(entry[5]))
         return known
     except (ValueError, KeyError, TypeError, IndexError, AttributeError):
         return {}
@@ -571,7 +588,7 @@ def _write_memo(memo: Path, max_pixels: int, results: dict[Path, _FileResult],
     """Remember results of files that did not change while they were checked. A file that could not be
     read at all (permissions, I/O) is not remembered: that is the environment, not the file."""
     files = {
-        str(path): [*stamp, result.sha256, result.mode, result.error]
+        str(path): [*stamp, result.sha256, result.mode, result.error, result.grey_edge]
         for path, result in results.items()
         if (stamp := stamps.get(path)) is not None and path not in changed
         and not (result.error or "").startswith(CANNOT_READ)
@@ -585,7 +602,7 @@ def _write_memo(memo: Path, max_pixels: int, results: dict[Path, _FileResult],
 
 def _memo_rules(max_pixels: int) -> dict[str, Any]:
     """What a remembered result depends on besides the file: a memo made under other rules is not used."""
-    return {"max_pixels": max_pixels, "max_aspect": MAX_ASPECT, "hash": HASH}
+    return {"max_pixels": max_pixels, "max_aspect": MAX_ASPECT, "hash": HASH, "grey_band": [GREY_FILL, GREY_BAND]}
 
 
 def _decode_one(path: Path, max_pixels: int) -> _FileResult:
@@ -596,10 +613,22 @@ def _decode_one(path: Path, max_pixels: int) -> _FileResult:
         return _FileResult(path, "", None, f"{CANNOT_READ}: {error.strerror or error}")
     sha256 = hashlib.sha256(data).hexdigest()
     try:
-        _, mode = decode_rgb(data, path, max_pixels)
+        image, mode = decode_rgb(data, path, max_pixels)
     except BadImageError as error:
         return _FileResult(path, sha256, None, error.reason)
-    return _FileResult(path, sha256, mode, None)
+    return _FileResult(path, sha256, mode, None, data.startswith(JPEG_MAGIC) and grey_edge(image))
+
+
+def grey_edge(image: Image.Image) -> bool:
+    """Whether GREY_BAND rows (or columns) along one whole edge of ``image`` are exactly GREY_FILL in every
+    channel: a JPEG's decoder fill where its data stopped early (GREY_FILL)."""
+    width, height = image.size
+    if width < 2 * GREY_BAND or height < 2 * GREY_BAND:
+        return False
+    bands = ((0, height - GREY_BAND, width, height), (0, 0, width, GREY_BAND),
+             (0, 0, GREY_BAND, height), (width - GREY_BAND, 0, width, height))
+    fill = (GREY_FILL, GREY_FILL)
+    return any(all(extrema == fill for extrema in image.crop(band).getextrema()) for band in bands)
 
 
 def _tally(
@@ -612,6 +641,7 @@ def _tally(
         report.bad.extend(BadFile(path, results[path].error or "") for path in paths if results[path].error)
         report.images[split][name] = len(readable)
         converted.update(result.mode for result in readable if result.mode != "RGB")
+        report.grey_edges.extend(result.path for result in readable if result.grey_edge)
         if not readable:
             report.empty_classes.append(report.root / _split_part(split) / name)
     report.converted = dict(sorted(converted.items()))
